@@ -1,0 +1,103 @@
+"""Chapter 3: the GRPO loss, written from scratch, with retrieved-token masking.
+
+Group Relative Policy Optimization (Shao et al. 2024) is PPO without a critic: for each question
+the policy writes a group of G responses, and each response's advantage is its reward measured
+against the group's own mean and spread. Search-R1 (Jin et al. 2025, arXiv 2503.09516) adds one
+thing: the tokens the search engine inserted (<information> blocks) sit in the context but are
+not the policy's actions, so `loss_mask` (1 = a token the policy sampled) keeps them out of every
+term of the loss.
+
+    A_i      = (r_i - mean(r)) / (std(r) + 1e-6)                           per group, unbiased std
+    ratio_t  = exp(logp_t - logp_old_t)                                    per sampled token
+    L_clip_t = max(-A ratio_t, -A clip(ratio_t, 1 - eps, 1 + eps))        PPO's pessimistic bound
+    KL_t     = exp(d_t) - d_t - 1,  d_t = logp_ref_t - logp_t             "k3" / low_var_kl, >= 0
+    loss     = sum_t loss_mask_t (L_clip_t + beta KL_t) / sum_t loss_mask_t   token mean
+
+Where this departs from Search-R1's released script (veRL):
+- The token mean is taken over the whole mini-batch, not per micro-batch and then averaged, so
+  the gradient does not depend on how the mini-batch is cut into micro-batches.
+- Log-probs come from a forward pass that keeps logits only for the response positions
+  (`logits_to_keep`), never for the prompt, one micro-batch at a time.
+This module is tensor maths over a model's outputs and imports nothing of ours.
+"""
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-response advantage, (N,) -> (N,), responses of one question adjacent (prompt-major)."""
+    groups = rewards.float().view(-1, group_size)                  # (N / G, G)
+    if group_size == 1:  # a group of one has no spread: mean 0, std 1, as in the reference
+        mean, std = torch.zeros_like(groups), torch.ones_like(groups)
+    else:
+        mean = groups.mean(dim=1, keepdim=True)
+        std = groups.std(dim=1, keepdim=True)                      # unbiased (divides by G - 1)
+    # A_i = (r_i - mean) / (std + eps): an all-equal group gets 0, whatever its reward
+    return ((groups - mean) / (std + 1e-6)).view(-1)
+
+
+def token_logprobs(model, input_ids, attention_mask, response_start: int,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for the response tokens: (B, T) -> (B, T - response_start).
+
+    Rows are laid out [left padding | prompt | response | right padding], so every response
+    starts at column `response_start` and only the last T - response_start + 1 positions need
+    logits: the prompt's full-vocabulary logits are never made.
+    """
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)    # left padding -> 0, 0, 0, 1, 2
+    n_response = input_ids.shape[1] - response_start
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=n_response + 1).logits            # (B, R + 1, V)
+    logits = logits[:, :-1].float() / temperature                  # position t predicts token t + 1
+    targets = input_ids[:, response_start:]                         # (B, R)
+    # log softmax at the taken token only: logit - logsumexp(logits)
+    taken = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return taken - torch.logsumexp(logits, dim=-1)                 # (B, R)
+
+
+def clipped_policy_loss(logp, old_logp, advantages, clip_eps: float = 0.2):
+    """PPO's clipped surrogate per token, and whether the clip was the active branch.
+
+    logp, old_logp: (B, R); advantages: (B, R) or (B, 1) broadcast to every token.
+    """
+    ratio = torch.exp(logp - old_logp)                             # pi_theta / pi_old
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    # L_clip = max(-A ratio, -A clip(ratio)): a step that already moved far in A's direction
+    # gets no further push; one that moved against A is never cut short
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+def low_var_kl(logp, ref_logp):
+    """KL(pi_theta || pi_ref) estimated per token by k3 = exp(d) - d - 1, d = logp_ref - logp."""
+    d = ref_logp - logp
+    return torch.clamp(torch.exp(d) - d - 1, min=-10, max=10)
+
+
+def masked_sum(x, mask):
+    # where(), not x * mask: a masked position holding inf or nan must contribute exactly 0
+    return torch.where(mask.bool(), x, torch.zeros_like(x)).sum()
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, loss_mask, n_tokens: int | float,
+              clip_eps: float = 0.2, kl_coef: float = 0.001):
+    """The GRPO objective of one micro-batch, as its share of a token mean over `n_tokens`.
+
+    logp, old_logp, ref_logp, loss_mask: (B, R); advantages: (B,), broadcast over tokens.
+    n_tokens is the number of loss_mask tokens in the whole mini-batch, so summing this loss
+    over the micro-batches gives the mini-batch's token mean (gradient accumulation).
+    Returns (loss, stats) with stats as sums over the micro-batch's masked tokens.
+    """
+    # at positions outside the mask the old and reference log-probs are replaced by the current
+    # ones (ratio 1, d = 0): whatever they hold (padding, observation tokens) reaches neither
+    # the loss nor, through a 0 * inf, the gradient
+    in_loss = loss_mask.bool()
+    old_logp = torch.where(in_loss, old_logp, logp.detach())
+    ref_logp = torch.where(in_loss, ref_logp, logp.detach())
+    policy_loss, clipped = clipped_policy_loss(logp, old_logp, advantages[:, None], clip_eps)
+    kl = low_var_kl(logp, ref_logp)
+    # loss = sum_t mask_t (L_clip_t + beta KL_t) / n_tokens
+    loss = (masked_sum(policy_loss, loss_mask) + kl_coef * masked_sum(kl, loss_mask)) / n_tokens
+    stats = {"policy_loss": masked_sum(policy_loss, loss_mask).item(),
+             "kl": masked_sum(kl, loss_mask).item(),
+             "clip_frac": masked_sum(clipped, loss_mask).item()}
+    return loss, stats
