@@ -13,11 +13,21 @@ the paper's evaluation metric on its seven QA benchmarks.
 QA data is FlashRAG's JSONL, one question a line: {"id", "question", "golden_answers": [...]},
 read from a local file or from the hub dataset RUC-NLPIR/FlashRAG_datasets.
 
+Evaluation (`python searchr1.py eval`) runs three methods, as the paper compares them (section 4):
+    direct      the model answers from what it knows: DIRECT_PROMPT, one turn, no search
+    rag         the top-k passages retrieved once with the question go into RAG_PROMPT, one turn
+    search-r1   SPEC's prompt and the multi-turn rollout, searching when the model asks
+Each answer is one `prediction` row (question, golden answers, response, extracted answer,
+searches, EM); `summarize` averages rows and `em_table` lays the EMs out as the paper's table.
+
 Where this departs from the reference scorer: Search-R1 scores prompt + response and so needs
 two <answer> matches (its prompt shows the example "<answer> Beijing </answer>"); here only the
-response is scored, where the last match is the model's own answer.
+response is scored, where the last match is the model's own answer. The paper does not print its
+baselines' prompts; the two here reuse SPEC's wording and answer format, so that the only thing
+that changes between the three methods is where the passages come from.
 """
 import json
+import os
 import re
 import string
 from collections import Counter
@@ -125,3 +135,70 @@ def load_qa(source: str, split: str | None = None) -> list[dict]:
     from huggingface_hub import hf_hub_download  # only needed for hub data
     path = hf_hub_download(HUB_DATASETS, f"{source}/{split}.jsonl", repo_type="dataset")
     return read_qa_file(path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+# The baselines' prompts: SPEC's answer format (<answer> ... </answer>, scored the same way) without
+# the search instructions. RAG's passages are the retrieval of the question itself, formatted as
+# in an <information> block (Doc 1(Title: ...) ...). Chat models get them in their chat template.
+DIRECT_PROMPT = ("Answer the given question. Provide the answer inside <answer> and </answer>, without "
+                 "detailed illustrations. For example, <answer> Beijing </answer>. Question: {question}\n")
+RAG_PROMPT = ("Answer the given question using the documents below. Provide the answer inside <answer> and "
+              "</answer>, without detailed illustrations. For example, <answer> Beijing </answer>.\n"
+              "Documents:\n{passages}\nQuestion: {question}\n")
+METHODS = {"direct": "Direct inference", "rag": "RAG", "search-r1": "Search-R1"}  # flag -> table row
+
+
+def baseline_prompt(method: str, question: str, passages: str = "") -> str:
+    """The text of a baseline's prompt; the question is cleaned as for SPEC's prompt (strip, "?")."""
+    question = question.strip()
+    if not question.endswith("?"):
+        question += "?"
+    if method == "direct":
+        return DIRECT_PROMPT.format(question=question)
+    return RAG_PROMPT.format(question=question, passages=passages.strip())
+
+
+def prediction(question: dict, response: str, searches: list[str], answered: bool) -> dict:
+    """One evaluated question: what was asked, what the model wrote, and its exact match."""
+    answer = extract_answer(response)
+    return {"id": question["id"], "question": question["question"], "golden_answers": question["golden_answers"],
+            "response": response, "answer": answer, "searches": searches, "answered": answered,
+            "em": exact_match(answer, question["golden_answers"])}
+
+
+def summarize(predictions: list[dict]) -> dict:
+    """Means over the questions: EM, searches per question, share that ended with an <answer>."""
+    n = len(predictions)
+    return {"em": sum(p["em"] for p in predictions) / n,
+            "searches": sum(len(p["searches"]) for p in predictions) / n,
+            "answered": sum(p["answered"] for p in predictions) / n}
+
+
+def em_table(em: dict[tuple[str, str], float], methods: list[str], datasets: list[str]) -> str:
+    """The paper's layout in Markdown: a row per method, a column per dataset, then their average."""
+    lines = ["| Method | " + " | ".join(datasets) + " | Avg. |", "|:--|" + "--:|" * (len(datasets) + 1)]
+    for method in methods:
+        row = [em[method, dataset] for dataset in datasets]
+        cells = [f"{value:.3f}" for value in row + [sum(row) / len(row)]]
+        lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, value) -> None:
+    """Atomic: write a temporary file, then rename it, so a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def saved_predictions(path: Path, settings: dict, questions: list[dict]) -> list[dict] | None:
+    """The predictions saved at `path` when they were made with these settings on these questions."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or unreadable: evaluate again
+        return None
+    predictions = saved.get("predictions", [])
+    same_questions = [p["id"] for p in predictions] == [q["id"] for q in questions]
+    return predictions if saved.get("settings") == settings and same_questions else None

@@ -46,7 +46,7 @@ def token_logprobs(model, input_ids, attention_mask, response_start: int,
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)    # left padding -> 0, 0, 0, 1, 2
     n_response = input_ids.shape[1] - response_start
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=n_response + 1).logits            # (B, R + 1, V)
+                   logits_to_keep=n_response + 1, use_cache=False).logits   # (B, R + 1, V)
     logits = logits[:, :-1].float() / temperature                  # position t predicts token t + 1
     targets = input_ids[:, response_start:]                         # (B, R)
     # log softmax at the taken token only: logit - logsumexp(logits)

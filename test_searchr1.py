@@ -179,3 +179,142 @@ def test_token_logprobs_of_a_padded_batch_equal_each_sequence_alone():
             alone = torch.log_softmax(model(torch.cat([p, r])[None]).logits[0], dim=-1)
             expected = alone[len(p) - 1: -1].gather(-1, r[:, None]).squeeze(-1)
             assert torch.allclose(batched[i, : len(r)], expected, atol=1e-5)
+
+
+# ============================================================================ searchr1.py: training
+import functools
+import json
+from pathlib import Path
+
+import searchr1
+from rollout import rollout as real_rollout
+
+QWEN_TOKENIZER = Path(__file__).resolve().parent.parent / "shared" / "data" / "qwen2.5-tokenizer"
+needs_qwen_tokenizer = pytest.mark.skipif(not QWEN_TOKENIZER.exists(),
+                                          reason="../shared/data/qwen2.5-tokenizer is absent")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random Qwen2 with the real Qwen2.5 tokenizer, saved like a hub checkpoint."""
+    from transformers import AutoTokenizer
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    tiny_qwen2(vocab_size=151936).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+def answer_every_other(tokenizer):
+    """A logits hook that makes even rows answer "y" and odd rows "z": groups with mixed rewards."""
+    targets = [tokenizer.encode(f"<answer> {a} </answer>") for a in ("y", "z")]
+    def hook(logits, rows, turn, step):
+        forced = torch.full_like(logits, -1e9)
+        for i, row in enumerate(rows.tolist()):
+            target = targets[row % 2]
+            forced[i, target[step] if step < len(target) else tokenizer.eos_token_id] = 0.0
+        return forced
+    return hook
+
+
+def steered(monkeypatch, tokenizer):
+    monkeypatch.setattr(searchr1, "rollout",
+                        functools.partial(real_rollout, logits_hook=answer_every_other(tokenizer)))
+
+
+def write_task(folder: Path, n_questions=8):
+    """A 3-passage corpus and QA files whose golden answer is "y"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"T{i}"\npassage number {i}'}) + "\n"
+                              for i in range(3)))
+    qa = folder / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": f"q{i}", "question": f"question {i}", "golden_answers": ["y"]}) + "\n"
+                          for i in range(n_questions)))
+    return corpus, qa
+
+
+def tiny_config(model_dir, folder, **overrides):
+    corpus, qa = write_task(folder)
+    settings = dict(model=str(model_dir), train_data=str(qa), eval_data=str(qa), corpus=str(corpus),
+                    index_dir=str(folder / "index"), out_dir=str(folder / "run"), device="cpu",
+                    batch_size=2, group_size=4, updates_per_step=2, micro_batch_size=3, lr=1e-2,
+                    max_turns=1, max_new_tokens=8, eval_size=2, eval_batch_size=2, steps=2,
+                    save_every=1, eval_every=0)
+    settings.update(overrides)
+    return searchr1.Config(**settings)
+
+
+@needs_qwen_tokenizer
+def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base_as_reference(
+        tiny_model_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    assert "Linear4bit" in type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__
+    steered(monkeypatch, tokenizer)
+    seen = []  # the (logp, ref_logp, loss_mask) of every micro-batch the loss sees
+    def spy(logp, old_logp, ref_logp, advantages, loss_mask, *args):
+        seen.append((logp.detach(), ref_logp, loss_mask))
+        return searchr1_grpo_loss(logp, old_logp, ref_logp, advantages, loss_mask, *args)
+    searchr1_grpo_loss = searchr1.grpo_loss
+    monkeypatch.setattr(searchr1, "grpo_loss", spy)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    questions = searchr1.load_qa(cfg.train_data)[:2]
+    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+    stats = searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
+    assert stats["reward"] == 0.5 and stats["answered"] == 1.0
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert any("lora_B" in k for k in changed)
+
+    # a second step: the adapter has moved, so policy and reference differ; the reference must be
+    # exactly the base model, loaded afresh without any adapter
+    seen.clear()
+    searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
+    _, fresh = searchr1.load_policy(cfg, torch.device("cpu"))  # a new adapter adds exactly 0 (B = 0)
+    trajectories = searchr1.rollout(model, tokenizer, [searchr1.build_prompt(q["question"], tokenizer, False)
+                                                       for q in questions], search, cfg.rollout_config())
+    mb = searchr1.pack(trajectories[:3], tokenizer.pad_token_id)
+    with torch.no_grad():
+        base_logp = searchr1.micro_batch_logprobs(fresh, mb, torch.device("cpu"), 1.0)
+    logp, ref_logp, mask = seen[0]
+    in_loss = mask.bool()
+    assert torch.allclose(ref_logp[in_loss], base_logp[in_loss], atol=1e-5)
+    assert not torch.allclose(logp[in_loss], ref_logp[in_loss], atol=1e-3)
+
+
+@needs_qwen_tokenizer
+def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+    steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
+    straight = tiny_config(tiny_model_dir, tmp_path / "straight")
+    searchr1.train(straight)
+
+    crashed = tiny_config(tiny_model_dir, tmp_path / "crashed")
+    real_step = searchr1.train_step
+    calls = []
+    def crash_on_second_step(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_step(*args)
+    monkeypatch.setattr(searchr1, "train_step", crash_on_second_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        searchr1.train(crashed)
+    monkeypatch.setattr(searchr1, "train_step", real_step)
+    searchr1.train(dataclasses_replace(crashed, resume=True))
+
+    rows = [json.loads(line) for line in (Path(straight.out_dir) / "metrics.jsonl").open()]
+    resumed = [json.loads(line) for line in (Path(crashed.out_dir) / "metrics.jsonl").open()]
+    assert [r["step"] for r in resumed] == [1, 2]
+    for key in ("reward", "policy_loss", "kl", "grad_norm", "lr"):
+        assert resumed[1][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-9), key
+    assert rows[1]["kl"] > 0  # the step after the first really depends on the restored adapter
+    from safetensors.torch import load_file
+    a = load_file(Path(straight.out_dir) / "checkpoints" / "step-000002" / "adapter_model.safetensors")
+    b = load_file(Path(crashed.out_dir) / "checkpoints" / "step-000002" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+from dataclasses import replace as dataclasses_replace

@@ -1,0 +1,496 @@
+"""searchr1: Search-R1 on one GPU. The CLI and the training loop that wires the chapters together.
+
+    retriever.py  BM25 over a Wikipedia-style corpus          (chapter 1: the search engine)
+    rollout.py    the policy writes, searches, reads, answers (chapter 2: trajectories)
+    grpo.py       group advantages, clipped loss, KL          (chapter 3: the update)
+    eval.py       exact match, QA data                        (chapter 4: the reward)
+    searchr1.py   Config, model loading, train_step, checkpoints, CLI (this file)
+
+One training step (`train_step`, below) is the whole algorithm:
+    rollout -> reward (EM) -> group advantages -> reference log-probs -> clipped loss + KL -> AdamW
+
+Where this departs from the paper's setup (Jin et al. 2025, arXiv 2503.09516) and why:
+- The policy is a 4-bit NF4 base with a LoRA adapter (QLoRA), not full fine-tuning on 8 GPUs:
+  it has to fit one 24 GB card. The reference policy is the same base with the adapter switched
+  off, so the weights are held once. LoRA wants a larger learning rate than full fine-tuning.
+- The batch is smaller (64 questions x 5 responses, not 512 x 5) to fit the budget of ~3 hours.
+- The search engine is BM25 (tantivy) in-process, not E5 dense retrieval on a second GPU.
+- Each step reseeds the sampler from (seed, step): a resumed run samples what the
+  uninterrupted run would have, so no RNG state has to be saved.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from eval import DataError, TRAIN_SETS, exact_match, extract_answer, load_qa
+from grpo import group_advantages, grpo_loss, token_logprobs
+from retriever import BM25Index, CorpusError, format_passages
+from rollout import RolloutConfig, build_prompt, rollout
+from search_api import RemoteIndex, SearchUnavailable, serve
+
+# Short names for the usual models; any hub id or local folder works as --model too.
+MODELS = {
+    "qwen2.5-3b": "Qwen/Qwen2.5-3B",  # the design target
+    "qwen2.5-3b-instruct": "Qwen/Qwen2.5-3B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+    "llama3.2-3b": "meta-llama/Llama-3.2-3B",
+    "llama3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
+}
+WIKI18 = ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz")  # hub dataset, file (SPEC section 6)
+# `--model tiny` (tiny.py): the defaults of a sub-1M-parameter model trained on a CPU in minutes;
+# flags given on the command line still win. Scripted turns are ~15 tokens, hence the short budget.
+TINY = dict(load_4bit=False, gradient_checkpointing=False, chat="no", steps=16, batch_size=16,
+            group_size=5, updates_per_step=1, micro_batch_size=80, lr=3e-3, lora_r=16, lora_alpha=32,
+            warmup_ratio=0.0, max_new_tokens=32, eval_every=4, eval_size=200, eval_batch_size=200,
+            save_every=16)
+
+
+def opt(default, help):
+    """A Config field whose help text is also its documentation on the command line."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # --- what to train on
+    model: str = opt("qwen2.5-3b", "alias (see MODELS), hub id or local folder")
+    train_data: str = opt("", "FlashRAG JSONL of training questions; empty = NQ + HotpotQA train from the hub")
+    eval_data: str = opt("", "FlashRAG JSONL of held-out questions; empty = eval_size questions held out of train_data")
+    corpus: str = opt("", "Search-R1 JSONL(.gz) corpus; empty = wiki-18 from the hub (21M passages)")
+    index_dir: str = opt("", "where the BM25 index lives; empty = a cache folder keyed by the corpus path")
+    search_url: str = opt("", "a Search-R1 retrieval server (http://host:8000/retrieve) searched instead of "
+                              "the corpus, e.g. an E5 dense index; empty = in-process BM25")
+    out_dir: str = opt("", "run folder (checkpoints, metrics.jsonl); empty = runs/<model>")
+    chat: str = opt("auto", "prompt style: 'auto' (chat template for *instruct* models), 'yes' or 'no'")
+    # --- the policy: QLoRA
+    load_4bit: bool = opt(True, "NF4 4-bit base weights (bitsandbytes): 3B fits in ~2 GB instead of ~6")
+    lora_r: int = opt(16, "LoRA rank: 16 adapts all projections with ~30M parameters on 3B")
+    lora_alpha: int = opt(32, "LoRA scale alpha / r = 2, the common choice")
+    lora_dropout: float = opt(0.0, "0: dropout would make the trainer's log-probs differ from the sampler's")
+    lora_targets: str = opt("all-linear", "modules given adapters: every linear projection, as QLoRA does")
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward: ~4x less activation memory")
+    # --- GRPO (SPEC section 5)
+    steps: int = opt(60, "optimizer steps of a run: ~60 x 64 x 5 trajectories fit ~3 hours on one GPU")
+    batch_size: int = opt(64, "questions per step (paper: 512 on 8 GPUs)")
+    group_size: int = opt(5, "responses per question, G in the advantage (paper: 5)")
+    updates_per_step: int = opt(2, "mini-batches per batch, each one optimizer step (paper: 512 / 256 = 2)")
+    rollout_batch_size: int = opt(16, "questions per rollout call: x group_size x ~2.6k tokens x 36 KB of KV cache (3B)")
+    micro_batch_size: int = opt(8, "trajectories per forward/backward; lower it when memory runs out")
+    lr: float = opt(2e-5, "AdamW learning rate: LoRA needs ~10-20x the paper's full fine-tuning 1e-6")
+    warmup_ratio: float = opt(0.285, "share of steps with linear warm-up (paper's script), then constant")
+    max_grad_norm: float = opt(1.0, "gradient clipping by global norm")
+    clip_eps: float = opt(0.2, "PPO clip range epsilon")
+    kl_coef: float = opt(0.001, "beta, weight of the low-variance KL to the reference policy")
+    mask_observations: bool = opt(True, "retrieved-token masking; --no-mask-observations is the paper's ablation")
+    # --- rollout (SPEC section 3)
+    max_turns: int = opt(2, "search turns before the forced final answer turn (released script: 2)")
+    max_new_tokens: int = opt(500, "tokens the policy may sample in one turn")
+    max_obs_tokens: int = opt(500, "tokens of an <information> block before it is truncated")
+    topk: int = opt(3, "passages per search")
+    temperature: float = opt(1.0, "sampling temperature while training (paper: 1.0)")
+    top_p: float = opt(1.0, "nucleus sampling while training (paper: 1.0)")
+    # --- bookkeeping
+    eval_every: int = opt(20, "steps between evaluations on the held-out set (0 = only at the end)")
+    eval_size: int = opt(200, "held-out questions evaluated, greedy")
+    eval_batch_size: int = opt(32, "questions per greedy evaluation rollout")
+    save_every: int = opt(10, "steps between checkpoints")
+    seed: int = opt(0, "seeds data order and sampling")
+    device: str = opt("auto", "'auto' (CUDA if present), 'cuda' or 'cpu'")
+    resume: bool = opt(False, "continue from out_dir's last checkpoint")
+
+    def rollout_config(self, greedy: bool = False) -> RolloutConfig:
+        return RolloutConfig(max_turns=self.max_turns, max_new_tokens=self.max_new_tokens,
+                             max_obs_tokens=self.max_obs_tokens, top_p=self.top_p,
+                             temperature=0.0 if greedy else self.temperature,
+                             n_samples=1 if greedy else self.group_size)
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- model and data
+def resolve_model(name: str) -> str:
+    if name in MODELS or Path(name).exists():
+        return MODELS.get(name, name)
+    if "/" not in name:
+        raise UsageError(f"unknown model {name!r}: use a hub id (org/name), a local folder, "
+                         f"or one of {', '.join(MODELS)}")
+    return name
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA GPU is visible (check nvidia-smi and the torch build)")
+    return torch.device(cfg.device)
+
+
+def load_policy(cfg: Config, device: torch.device):
+    """The tokenizer and the trainable policy: (4-bit) base + LoRA adapter, on `device`."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    path = resolve_model(cfg.model)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype) if cfg.load_4bit else None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization,
+                                                 device_map={"": device})
+    if cfg.load_4bit and device.type == "cpu":
+        # bitsandbytes 0.50 repacks a 4-bit weight for fast CPU inference the first time its layer
+        # runs in eval mode (the rollout), and the repacked layout then fails in backward: keep one
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+    return tokenizer, get_peft_model(model, lora)
+
+
+def uses_chat_template(cfg: Config) -> bool:
+    if cfg.chat == "auto":
+        return "instruct" in cfg.model.lower() or "-chat" in cfg.model.lower()
+    return cfg.chat == "yes"
+
+
+def load_questions(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) questions. Without eval_data, eval_size questions are held out of train."""
+    if cfg.train_data:
+        train = load_qa(cfg.train_data)
+    else:
+        train = [row for name, split in TRAIN_SETS for row in load_qa(name, split)]
+    if cfg.eval_data:
+        return train, load_qa(cfg.eval_data)[: cfg.eval_size]
+    random.Random(cfg.seed).shuffle(train)
+    if len(train) <= cfg.eval_size:
+        raise UsageError(f"{len(train)} training questions cannot spare {cfg.eval_size} for "
+                         "evaluation: give --eval-data or a smaller --eval-size")
+    return train[cfg.eval_size:], train[: cfg.eval_size]
+
+
+def open_index(cfg: Config) -> BM25Index:
+    """The BM25 index of cfg.corpus (wiki-18 from the hub when empty), built on first use."""
+    corpus = cfg.corpus
+    if not corpus:
+        from huggingface_hub import hf_hub_download
+        corpus = hf_hub_download(WIKI18[0], WIKI18[1], repo_type="dataset")
+    return BM25Index.open(corpus, index_dir=cfg.index_dir or None)
+
+
+def make_search(cfg: Config):
+    """The search callable the rollout sees: queries -> formatted top-k passages, one per query."""
+    index = RemoteIndex(cfg.search_url) if cfg.search_url else open_index(cfg)
+    return lambda queries: [format_passages(hits) for hits in index.search(queries, k=cfg.topk)]
+
+
+# ----------------------------------------------------------------------------- one step
+def pack(trajectories, pad_id: int) -> dict:
+    """Trajectories -> tensors laid out [left pad | prompt | response | right pad].
+
+    input_ids, attention_mask: (B, P + R); loss_mask, response_mask: (B, R), where
+    response_mask = 1 on every real response token (sampled or observation).
+    """
+    P = max(len(t.prompt_ids) for t in trajectories)
+    R = max(len(t.response_ids) for t in trajectories)
+    B = len(trajectories)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, P + R, dtype=torch.long)
+    loss_mask = torch.zeros(B, R)
+    for i, t in enumerate(trajectories):
+        p, r = len(t.prompt_ids), len(t.response_ids)
+        input_ids[i, P - p: P + r] = torch.tensor(t.prompt_ids + t.response_ids)
+        attention_mask[i, P - p: P + r] = 1
+        loss_mask[i, :r] = torch.tensor(t.loss_mask, dtype=torch.float)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "response_mask": attention_mask[:, P:].float(), "response_start": P}
+
+
+def micro_batch_logprobs(model, mb: dict, device, temperature: float):
+    return token_logprobs(model, mb["input_ids"].to(device), mb["attention_mask"].to(device),
+                          mb["response_start"], temperature)
+
+
+def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, device) -> dict:
+    """One GRPO step: rollout -> reward -> advantages -> reference log-probs -> update."""
+    t0 = time.time()
+    # 1. rollout: G responses per question from the current policy (trajectories prompt-major)
+    model.eval()
+    prompts = [build_prompt(q["question"], tokenizer, uses_chat_template(cfg)) for q in questions]
+    trajectories = [t for i in range(0, len(prompts), cfg.rollout_batch_size)   # chunks bound the KV cache
+                    for t in rollout(model, tokenizer, prompts[i: i + cfg.rollout_batch_size], search,
+                                     cfg.rollout_config())]
+    rollout_s = time.time() - t0
+    # 2. reward: r = EM(extracted answer, golden answers), 1 or 0
+    golden = [q["golden_answers"] for q in questions for _ in range(cfg.group_size)]
+    rewards = torch.tensor([exact_match(extract_answer(t.text), g) for t, g in zip(trajectories, golden)])
+    # 3. advantages: A_i = (r_i - mean_group) / (std_group + 1e-6), one scalar per trajectory
+    advantages = group_advantages(rewards, cfg.group_size)                       # (N,)
+    # 4. micro-batches with pi_old (the policy that sampled) and pi_ref (adapter off) log-probs
+    micro_batches = []
+    with torch.no_grad():
+        for i in range(0, len(trajectories), cfg.micro_batch_size):
+            mb = pack(trajectories[i: i + cfg.micro_batch_size], tokenizer.pad_token_id)
+            mb["advantages"] = advantages[i: i + cfg.micro_batch_size]
+            mb["old_logp"] = micro_batch_logprobs(model, mb, device, cfg.temperature)  # (b, R)
+            with model.disable_adapter():
+                mb["ref_logp"] = micro_batch_logprobs(model, mb, device, cfg.temperature)
+            # retrieved-token masking: train on sampled tokens only, or (ablation) on all of them
+            mb["train_mask"] = (mb["loss_mask"] if cfg.mask_observations else mb["response_mask"]).to(device)
+            micro_batches.append(mb)
+    # 5. update: each mini-batch is one optimizer step; its micro-batches accumulate gradients
+    model.train()
+    per_update = math.ceil(len(micro_batches) / cfg.updates_per_step)
+    sums, grad_norms = {"policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}, []
+    for u in range(0, len(micro_batches), per_update):
+        mini_batch = micro_batches[u: u + per_update]
+        n_tokens = max(sum(mb["train_mask"].sum().item() for mb in mini_batch), 1.0)
+        for mb in mini_batch:
+            logp = micro_batch_logprobs(model, mb, device, cfg.temperature)     # (b, R), with grad
+            loss, stats = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"].to(device),
+                                    mb["train_mask"], n_tokens, cfg.clip_eps, cfg.kl_coef)
+            loss.backward()
+            for key in sums:
+                sums[key] += stats[key]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    n_trained = sum(mb["train_mask"].sum().item() for mb in micro_batches)
+    sampled = sum(sum(t.loss_mask) for t in trajectories)
+    return {"reward": rewards.mean().item(),
+            "searches": sum(t.n_searches for t in trajectories) / len(trajectories),
+            "turns": sum(t.n_turns for t in trajectories) / len(trajectories),
+            "answered": sum(t.answered for t in trajectories) / len(trajectories),
+            "response_len": sum(len(t.response_ids) for t in trajectories) / len(trajectories),
+            **{key: value / max(n_trained, 1) for key, value in sums.items()},
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "rollout_s": rollout_s, "step_s": time.time() - t0,
+            "tokens_per_s": sampled / max(rollout_s, 1e-9)}
+
+
+def evaluate(model, tokenizer, questions, search, cfg: Config, desc: str = "eval") -> dict:
+    """Greedy rollouts on held-out questions: EM, searches per question, answer rate."""
+    model.eval()
+    em, searches, answered = [], [], []
+    for i in tqdm(range(0, len(questions), cfg.eval_batch_size), desc=desc, leave=False):
+        batch = questions[i: i + cfg.eval_batch_size]
+        prompts = [build_prompt(q["question"], tokenizer, uses_chat_template(cfg)) for q in batch]
+        for t, q in zip(rollout(model, tokenizer, prompts, search, cfg.rollout_config(greedy=True)), batch):
+            em.append(exact_match(extract_answer(t.text), q["golden_answers"]))
+            searches.append(t.n_searches)
+            answered.append(float(t.answered))
+    n = len(em)
+    return {"em": sum(em) / n, "searches": sum(searches) / n, "answered": sum(answered) / n}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run: Path, step: int, model, optimizer, scheduler):
+    """Atomic: write checkpoints/step-N.tmp, rename it, then repoint latest.json (os.replace)."""
+    root = run / "checkpoints"
+    final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)                       # the LoRA adapter, in peft's format
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest = root / "latest.json"
+    (root / "latest.json.tmp").write_text(json.dumps({"step": step, "path": final.name}))
+    os.replace(root / "latest.json.tmp", latest)
+    for old in root.glob("step-*"):                  # keep the newest checkpoint only
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run: Path, model, optimizer, scheduler) -> int:
+    """Restore adapter, optimizer and scheduler from the last checkpoint; returns its step."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    latest = run / "checkpoints" / "latest.json"
+    if not latest.exists():
+        raise UsageError(f"--resume: no checkpoint in {run} (looked for {latest})")
+    ckpt = run / "checkpoints" / json.loads(latest.read_text())["path"]
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    # weights_only: the unpickler accepts tensors and plain containers only, never code
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------- the run
+def batch_at(train: list[dict], step: int, cfg: Config) -> list[dict]:
+    """The questions of step `step`: a seeded permutation per epoch, so resuming needs no state."""
+    per_epoch = len(train) // cfg.batch_size
+    if per_epoch == 0:
+        raise UsageError(f"{len(train)} training questions are fewer than --batch-size {cfg.batch_size}")
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    return [train[j] for j in order[i * cfg.batch_size: (i + 1) * cfg.batch_size].tolist()]
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def train(cfg: Config) -> dict:
+    """Train; returns the last evaluation. Writes out_dir/metrics.jsonl and checkpoints."""
+    resolve_model(cfg.model)  # an unknown alias fails now, not after the data has loaded
+    device = pick_device(cfg)
+    if device.type == "cpu" and cfg.model in MODELS and cfg.device == "auto":
+        raise UsageError(f"{cfg.model} needs a CUDA GPU and none is visible; try --model tiny "
+                         "(a tiny search agent that trains on a CPU in minutes) or --device cpu")
+    run = Path(cfg.out_dir or f"runs/{Path(cfg.model).name}")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    train_qs, eval_qs = load_questions(cfg)
+    search = make_search(cfg)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: same seed, same run
+    tokenizer, model = load_policy(cfg, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    start = load_checkpoint(run, model, optimizer, scheduler) if cfg.resume else 0
+    log_path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in log_path.open()] if cfg.resume and log_path.exists() else []
+    with log_path.open("w") as log:  # a resumed run forgets rows logged after its checkpoint
+        log.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
+
+    stop = []  # Ctrl-C once: finish this step, save, exit; twice: exit now
+    def on_interrupt(*_):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        tqdm.write("interrupted: saving after this step (Ctrl-C again to quit without saving)")
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    result = {}
+    try:
+        bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps)
+        for step in bar:
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # sampling of this step, reproducible
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                row = {"step": step + 1, "lr": scheduler.get_last_lr()[0],
+                       **train_step(model, tokenizer, optimizer, batch_at(train_qs, step, cfg), search, cfg, device)}
+            except SearchUnavailable:  # raised in the rollout, before any update: `step` steps are intact
+                save_checkpoint(run, step, model, optimizer, scheduler)
+                tqdm.write(f"search failed: saved step {step} to {run}; continue with --resume once it answers")
+                raise
+            scheduler.step()
+            row["peak_mem_gb"] = peak_memory_gb(device)
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+                result = evaluate(model, tokenizer, eval_qs, search, cfg)
+                row.update({f"eval_{k}": v for k, v in result.items()})
+            with log_path.open("a") as log:
+                log.write(json.dumps(row) + "\n")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}",
+                            searches=f"{row['searches']:.2f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
+                save_checkpoint(run, step + 1, model, optimizer, scheduler)
+            if stop:
+                tqdm.write(f"saved step {step + 1} to {run}; continue with --resume")
+                break
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    return result
+
+
+def run_tiny(cfg: Config) -> dict:
+    """`--model tiny`: tiny.py's task end to end -- data, index, warm-up, GRPO through train()."""
+    import tiny
+    run = Path(cfg.out_dir or ("runs/tiny" if cfg.mask_observations else "runs/tiny-no-mask"))
+    paths = tiny.prepare(run / "task", tiny.TinyTask(seed=cfg.seed), cfg.topk)
+    cfg = dataclasses.replace(cfg, out_dir=str(run), **paths)  # --model is now the warm-up folder
+    tokenizer, model = load_policy(cfg, pick_device(cfg))      # LoRA starts at B = 0: the warm-up model
+    before = evaluate(model, tokenizer, load_questions(cfg)[1], make_search(cfg), cfg, desc="eval warm-up")
+    after = train(cfg)
+    print(tiny.before_after_table(before, after))
+    print(tiny.save_reward_curve({"GRPO": run / "metrics.jsonl"}, run / "reward_curve.png"))
+    return {"before": before, "after": after}
+
+
+# ----------------------------------------------------------------------------- command line
+def config_parser(command: str) -> argparse.ArgumentParser:
+    """A parser with one --flag per Config field; `--model tiny` switches to the TINY defaults."""
+    parser = argparse.ArgumentParser(prog=f"searchr1.py {command}", description=COMMANDS[command][2])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                help=f"{f.metadata['help']} (default: {f.default})")
+    return parser
+
+
+def command_train(cfg: Config, args) -> dict:
+    return run_tiny(cfg) if cfg.model == "tiny" else train(cfg)
+
+
+def command_serve(cfg: Config, args) -> None:
+    serve(open_index(cfg), args.host, args.port, default_topk=cfg.topk)
+
+
+def serve_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 = every interface, for trusted networks only: "
+                             "there is no authentication (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free one (default: 8000)")
+
+
+# name -> (function(cfg, args), function adding the command's own arguments or None, description)
+COMMANDS = {
+    "train": (command_train, None, "Train a Search-R1 agent with GRPO (the default command)."),
+    "serve": (command_serve, serve_arguments, "Serve the BM25 index of --corpus over HTTP with Search-R1's "
+                                              "retrieval API (POST /retrieve); --topk is the default top-k."),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    run, add_arguments, _ = COMMANDS[command]
+    parser = config_parser(command)
+    if add_arguments:
+        add_arguments(parser)
+    if parser.parse_known_args(argv)[0].model == "tiny":
+        parser.set_defaults(**TINY)
+    args = parser.parse_args(argv)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    try:
+        result = run(cfg, args)
+    except (UsageError, DataError, CorpusError, OSError) as e:  # OSError: missing files, no network
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""A tiny Search-R1 you can train on a CPU: proof that rollout, reward and GRPO add up to learning.
+
+The other chapters' tests show that each piece does what it says; they cannot show that the
+pieces together teach a model to search. This chapter builds a task in which searching is the only
+way to answer, small enough that all of Search-R1 runs on two CPU cores in minutes
+(`python searchr1.py --model tiny`):
+
+    knowledge base  invented entities ("Bavoki", "Tuzel") x 3 attributes (color, city, food),
+                    one passage per fact, written as a Search-R1 corpus; questions in FlashRAG JSONL
+    held out        facts (entity, attribute) that no training question asks; each of their entities
+                    is asked about in training (other attributes), so every entity's token embedding
+                    is trained -- a model cannot copy into a query a word whose embedding it never
+                    learned
+    tokenizer       word level, built from every text the task can show the model (SPEC's prompt,
+                    tags, passages, the invalid-action message), saved in Hugging Face format
+    policy          Qwen2 architecture, ~0.85M parameters, tied embeddings
+    warm-up         a short supervised stage that stands in for pretraining: the model learns the
+                    tags, to search and to read an answer out of the passage -- but it is shown more
+                    guesses than searches, so its greedy policy guesses: EM near chance (1 in 10)
+    GRPO            searchr1.train() with this folder as --model: the same rollout, reward, loss
+                    and LoRA as for Qwen2.5-3B
+
+A guess is right one time in ten; an answer read from the retrieved passage nearly always. Within a
+group of sampled responses to one question the searching ones score higher, so the group advantage
+(r - mean) / std pushes probability onto "search" -- that is the whole of what GRPO must find.
+
+Warm-up trajectories are built the way the rollout builds them: the query runs against the real
+BM25 index, the observation is the rollout's own `<information>` text, and the loss covers only the
+tokens the policy writes (observation tokens masked), as in RL.
+
+Where this departs from Search-R1:
+- The "pretrained" model is made here by a supervised warm-up on scripted trajectories: nothing can
+  be downloaded offline, and a random model never writes a tag, so RL would never see a reward.
+- One sentence per fact and a word-level vocabulary: the task is about deciding to search, not
+  about reading Wikipedia; a 0.85M-parameter model could not do the latter.
+- Short per-turn budgets (searchr1's TINY settings): scripted turns are ~15 tokens, not 500.
+"""
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from retriever import BM25Index, format_passages
+from rollout import INVALID_ACTION, PROMPT_TEMPLATE, build_prompt, observation
+
+# Every fact is (entity, attribute, value); each attribute has its own 10 values
+VALUES = {
+    "color": ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "pink", "gray"],
+    "city": ["Paris", "Lima", "Oslo", "Cairo", "Delhi", "Tokyo", "Rome", "Quito", "Dakar", "Hanoi"],
+    "food": ["rice", "bread", "fish", "apples", "beans", "honey", "cheese", "nuts", "corn", "soup"],
+}
+QUESTION = "What is the {attribute} of {entity}?"
+PASSAGE = "The {attribute} of {entity} is {value}."  # under the title "{entity}"
+# What the policy writes in the warm-up's two behaviours (observations come between SEARCH and READ)
+QUERY = "{entity} {attribute}"
+SEARCH = "<think> I need the {attribute} of {entity}. </think> <search> " + QUERY + " </search>"
+READ = "<think> The {attribute} of {entity} is {value}. </think> <answer> {value} </answer>"
+GUESS = "<think> I know the {attribute} of {entity}. </think> <answer> {value} </answer>"
+TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>",
+        "<answer>", "</answer>"]
+EOS = "<|endoftext|>"
+
+
+@dataclass
+class TinyTask:
+    """Size of the task and of its warm-up; the defaults make `--model tiny` (a few minutes)."""
+    entities: int = 400            # x 3 attributes = 1,200 facts, one passage each
+    held_out: int = 200            # facts asked only in evaluation (at most one per entity)
+    search_share: float = 0.4      # warm-up trajectories that search; the rest guess (greedy: guess)
+    warmup_steps: int = 1200       # supervised steps of warmup_batch trajectories
+    warmup_batch: int = 32
+    warmup_lr: float = 1e-3        # AdamW; 3e-3 stalls at loss ~1 (notes/tiny-task.md)
+    hidden: int = 128              # Qwen2 width; 4 heads, 2 KV heads, MLP 3 x hidden
+    layers: int = 4
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- knowledge base
+def invent_names(rng: random.Random, n: int) -> list[str]:
+    """n distinct made-up words of two or three syllables: 'Bavoki', 'Tuzel', ..."""
+    onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ["", "", "", "l", "n", "r", "s"]
+    names = set()
+    while len(names) < n:
+        syllables = [rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.choice([2, 2, 3]))]
+        names.add(("".join(syllables) + rng.choice(codas)).capitalize())
+    return sorted(names)
+
+
+def make_knowledge_base(task: TinyTask) -> tuple[list[dict], list[dict], list[dict]]:
+    """(corpus passages, training questions, held-out questions), all from task.seed.
+
+    Each entity has one value per attribute; each fact is one passage titled by the entity and
+    one question. `held_out` facts, on distinct entities, are the evaluation questions.
+    """
+    if task.held_out > task.entities:
+        raise ValueError(f"held_out ({task.held_out}) must not exceed entities ({task.entities}): "
+                         "at most one fact per entity is held out")
+    rng = random.Random(task.seed)
+    entities = invent_names(rng, task.entities)
+    rng.shuffle(entities)
+    held_out = {(entity, rng.choice(list(VALUES))) for entity in entities[: task.held_out]}
+    corpus, train, test = [], [], []
+    for entity in entities:
+        for attribute, values in VALUES.items():
+            fact = {"entity": entity, "attribute": attribute, "value": rng.choice(values)}
+            corpus.append({"id": str(len(corpus)), "contents": f'"{entity}"\n' + PASSAGE.format(**fact)})
+            split = test if (entity, attribute) in held_out else train
+            split.append({"id": f"{attribute}-{entity}", "question": QUESTION.format(**fact),
+                          "golden_answers": [fact["value"]], "entity": entity, "attribute": attribute})
+    rng.shuffle(train)
+    return corpus, train, test
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Atomic: the file appears complete or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def vocabulary_texts(questions: list[dict], search) -> list[str]:
+    """Every text the model is shown or taught to write: prompts, scripted turns, observations."""
+    texts = [INVALID_ACTION]
+    for q in questions:
+        value = q["golden_answers"][0]
+        texts += [PROMPT_TEMPLATE.format(question=q["question"]), SEARCH.format(**q),
+                  observation(search([QUERY.format(**q)])[0]), READ.format(**q, value=value),
+                  GUESS.format(**q, value=value)]
+    return texts
+
+
+def train_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer in Qwen2's format, trained until every word of `texts` is one token.
+
+    Qwen2.5's own recipe -- NFC, its pre-tokenizing regex, bytes as the alphabet, BPE merges -- with
+    a vocabulary of a few thousand instead of 151k: merging runs until no pair of symbols is left,
+    so ' Bavoki' and ' color' are single tokens and the model copies a name as one token. Saved
+    next to a Qwen2 model, it loads back as Qwen2Tokenizer (transformers picks the class from the
+    model type), so this is the form it must have. decode(encode(text)) == text for any text; the
+    tags are added tokens, matched before pre-tokenizing, and not special: decoding keeps them.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=1_000_000, min_frequency=1, show_progress=False,
+                                  special_tokens=[EOS] + TAGS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(pair) for pair in model["merges"]])
+    tokenizer.add_tokens(TAGS)  # EOS (<|endoftext|>) is also the padding, as in Qwen2.5
+    return tokenizer
+
+
+def tiny_qwen2(tokenizer, task: TinyTask):
+    """A randomly initialised Qwen2 causal LM: 4 layers of width task.hidden, tied embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(task.seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=task.hidden,
+                         intermediate_size=3 * task.hidden, num_hidden_layers=task.layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return Qwen2ForCausalLM(config)
+
+
+# ----------------------------------------------------------------------------- warm-up
+def warmup_example(q: dict, tokenizer, search, rng: random.Random, task: TinyTask) -> tuple[list, list, list]:
+    """One scripted trajectory: (prompt_ids, response_ids, loss_mask), laid out as rollout() lays
+    out a sampled one. With probability search_share it searches the right query and reads the
+    answer out of the passage; otherwise it guesses a value of the right attribute at random.
+    """
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    if rng.random() < task.search_share:
+        first = encode(SEARCH.format(**q))
+        info = encode(observation(search([QUERY.format(**q)])[0]))
+        last = encode(READ.format(**q, value=q["golden_answers"][0]))
+        response, loss_mask = first + info + last, [1] * len(first) + [0] * len(info) + [1] * len(last)
+    else:
+        response = encode(GUESS.format(**q, value=rng.choice(VALUES[q["attribute"]])))
+        loss_mask = [1] * len(response)
+    return build_prompt(q["question"], tokenizer, False), response, loss_mask
+
+
+def warmup_loss(model, batch: list[tuple[list, list, list]], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy over the tokens the policy writes, for a batch of warmup_example()s.
+
+    Every prompt is SPEC's instructions (~100 tokens) and then the question, so the batch's common
+    prefix is run once and its KV cache repeated for every row: ~3x less compute than running each
+    full sequence, the same logits (the gradient flows back through the cache into the prefix).
+    """
+    first = batch[0][0]
+    P = 0  # shared prefix length; at least one prompt token stays per row, to predict the response
+    while all(P + 1 < len(prompt) and prompt[P] == first[P] for prompt, _, _ in batch):
+        P += 1
+    B, T = len(batch), max(len(prompt) - P + len(response) for prompt, response, _ in batch)
+    input_ids = torch.full((B, T), pad_id)                    # (B, T): each row after the prefix
+    attention_mask = torch.zeros(B, P + T, dtype=torch.long)  # (B, P + T), right padded
+    loss_mask = torch.zeros(B, T)  # 1 = a token the policy writes: predicted and trained on
+    for i, (prompt, response, mask) in enumerate(batch):
+        row = prompt[P:] + response
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : P + len(row)] = 1
+        loss_mask[i, len(prompt) - P: len(row)] = torch.tensor(mask, dtype=torch.float)
+    cache = model(input_ids=torch.tensor([first[:P]]), use_cache=True).cache   # (1, P) per layer
+    cache.batch_repeat_interleave(B)                                            # (B, P)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                   position_ids=torch.arange(P, P + T).expand(B, T)).logits    # (B, T, V)
+    # position t predicts token t + 1: loss = -sum_t mask_{t+1} log p(x_{t+1} | x_<=t) / sum mask
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:],
+                                            reduction="none")                  # (B, T - 1)
+    return (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+
+
+def warm_up(model, tokenizer, questions: list[dict], search, task: TinyTask) -> list[float]:
+    """Supervised warm-up on scripted trajectories of `questions`. Returns the loss per step."""
+    rng = random.Random(task.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=task.warmup_lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in (bar := tqdm(range(task.warmup_steps), desc="warm-up")):
+        batch = [warmup_example(q, tokenizer, search, rng, task)
+                 for q in rng.sample(questions, task.warmup_batch)]
+        loss = warmup_loss(model, batch, tokenizer.pad_token_id)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return losses
+
+
+# ----------------------------------------------------------------------------- the whole task
+def prepare(run: Path, task: TinyTask = TinyTask(), topk: int = 3) -> dict:
+    """Write data, corpus, index, tokenizer and warm-up model under `run`; returns their paths.
+
+    run/data/{corpus,train,test}.jsonl, run/index/ (BM25), run/warmup/ (model + tokenizer, in
+    Hugging Face format: searchr1.train() loads it like any hub model).
+    """
+    data = run / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    corpus, train, test = make_knowledge_base(task)
+    paths = {"corpus": data / "corpus.jsonl", "train_data": data / "train.jsonl",
+             "eval_data": data / "test.jsonl", "index_dir": run / "index", "model": run / "warmup"}
+    write_jsonl(paths["corpus"], corpus)
+    write_jsonl(paths["train_data"], train)
+    write_jsonl(paths["eval_data"], test)
+    index = BM25Index.open(paths["corpus"], index_dir=paths["index_dir"])
+    search = lambda queries: [format_passages(hits) for hits in index.search(queries, k=topk)]
+
+    tokenizer = train_tokenizer(vocabulary_texts(train + test, search))
+    model = tiny_qwen2(tokenizer, task)
+    warm_up(model, tokenizer, train, search, task)
+    tmp = run / "warmup.tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(paths["model"], ignore_errors=True)
+    os.replace(tmp, paths["model"])
+    return {key: str(path) for key, path in paths.items()}
+
+
+# ----------------------------------------------------------------------------- reporting
+def before_after_table(before: dict, after: dict) -> str:
+    """The held-out results of the warm-up model and of the GRPO-trained one, as a text table."""
+    lines = [f"{'held-out, greedy':<20}{'EM':>8}{'searches/question':>20}{'answer rate':>14}"]
+    for name, r in (("warm-up (before)", before), ("after GRPO", after)):
+        lines.append(f"{name:<20}{r['em']:>8.3f}{r['searches']:>20.2f}{r['answered']:>14.3f}")
+    return "\n".join(lines)
+
+
+def save_reward_curve(runs: dict[str, Path], png: Path) -> str:
+    """Plot training reward per step (and held-out EM where evaluated) of each run's metrics.jsonl.
+
+    runs: label -> metrics.jsonl. Writes `png` when matplotlib is installed; returns a text
+    summary either way (reward every few steps), so the curve is never lost.
+    """
+    curves = {label: [json.loads(line) for line in Path(path).open()] for label, path in runs.items()}
+    summary = []
+    for label, rows in curves.items():
+        every = max(1, len(rows) // 10)
+        points = ", ".join(f"{r['step']}: {r['reward']:.2f}" for r in rows[every - 1:: every])
+        summary.append(f"{label} -- training reward by step: {points}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "\n".join(summary + ["(matplotlib not installed: no PNG written)"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, rows in curves.items():
+        line, = ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label=f"{label}: reward")
+        evals = [r for r in rows if "eval_em" in r]
+        ax.plot([r["step"] for r in evals], [r["eval_em"] for r in evals], "o--", color=line.get_color(),
+                label=f"{label}: held-out EM")
+    ax.set(xlabel="GRPO step", ylabel="exact match", ylim=(0, 1.02), title="tiny Search-R1")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return "\n".join(summary + [f"reward curve: {png}"])
