@@ -274,6 +274,251 @@ def bench_serve(args):
         print(f"  {what}: HTTP / in-process = {ratio:.2f}: {'met' if ratio >= 0.8 else 'NOT met'}")
 
 
+# Issue 6's targets for a run on one 24 GB consumer card, and the shape of the model measured
+GPU_TARGETS = {"peak_gb": 20, "steps_in_3h": 60}  # peak memory < 20 GB; >= 60 GRPO steps of 64 x 5 in 3 hours
+QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                 intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
+                 max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",
+                 bos_token_id=151643, eos_token_id=151643)  # SPEC section 7 and the released config's ids
+# --tiny: the same vocabulary (every id of the real tokenizer exists), a model of ~10M parameters
+TINY_QWEN2 = dict(QWEN25_3B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+# batch and lengths measured (issue 6) and those of --tiny; a flag given on the command line wins
+GPU_SIZES = dict(questions=64, tokens_per_turn=500, passage_tokens=130)  # micro-batch, rollout chunk: Config's
+GPU_TINY_SIZES = dict(questions=2, tokens_per_turn=12, passage_tokens=4, group_size=2, micro_batch_size=2,
+                      rollout_batch_size=1)  # 2 chunks: the hook's rows restart at 0 in each
+# memory bandwidth (TB/s) and dense bf16 tensor throughput (TFLOPS, FP32 accumulate) from the vendors'
+# data sheets, by a piece of torch.cuda.get_device_name(); the first match counts
+CARDS = {"H100 80GB HBM3": (3.35, 989), "H100 NVL": (3.9, 835), "H100 PCIe": (2.0, 756), "H200": (4.8, 989),
+         "A100-SXM4-80GB": (2.04, 312), "A100 80GB PCIe": (1.94, 312), "A100": (1.56, 312), "L40S": (0.864, 362),
+         "RTX 4090": (1.008, 165), "RTX 3090": (0.936, 71)}
+GPU_COLUMNS = ("device", "model", "batch", "rollout tok/s (ours)", "rollout tok/s (generate)", "ours / generate",
+               "rollout s", "log-prob s", "update s", "step s", "peak GB", "GRPO steps in 3 h")
+
+
+def _save_random_qwen2(architecture: dict, tokenizer, folder: Path, device) -> None:
+    """A Qwen2 of `architecture` with random weights, saved with `tokenizer` as a hub checkpoint is.
+
+    Built directly on `device` in the dtype training loads it in (bf16 on CUDA: 6 GB for 3B, and no
+    12 GB fp32 copy in host memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**architecture),
+                                                 dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _measure(what: str, fn, device, notes: list[str]):
+    """(fn(), wall seconds, peak memory GB while it ran), or None when it ran out of the capped GPU memory:
+    the note says where (the innermost line of searchr1's own modules), the table shows OOM and the bench
+    goes on. (On the CPU the peak is the process's.)"""
+    import traceback
+
+    import torch
+    from searchr1 import clock, peak_memory_gb
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = clock(device)
+    try:
+        result = fn()
+    except torch.OutOfMemoryError as error:
+        ours = [frame for frame in traceback.extract_tb(error.__traceback__)
+                if Path(frame.filename).name in ("searchr1.py", "rollout.py", "grpo.py")]
+        where = f" in {Path(ours[-1].filename).name}:{ours[-1].lineno} `{ours[-1].line}`" if ours else ""
+        notes.append(f"{what} ran out of memory under the cap{where}: {str(error).splitlines()[0]}")
+        return None
+    return result, clock(device) - start, peak_memory_gb(device)
+
+
+def bench_gpu(args) -> dict:
+    """Issue 6: is one GRPO step of 64 x 5 on Qwen2.5-3B in 4-bit affordable on a 24 GB card?
+
+    Cost does not depend on weight values, so Qwen2.5-3B is built from its config with random weights,
+    saved with the real tokenizer and loaded through searchr1.load_policy -- NF4 4-bit, LoRA, gradient
+    checkpointing, as training loads it -- with the usable GPU memory capped at --memory-cap-gb.
+    Random weights write no stop tags, so a script forces what is sampled (forced_script through the
+    rollout's logits hook): every turn runs to the per-turn budget (the worst case, which memory must
+    survive), each search gets 3 passages of ~130 tokens, and the last turn ends in `<answer> yes
+    </answer>` on even rows and `no` on odd ones, so every group has rewards 1 and 0 and the update
+    has a gradient. Measured: one real searchr1.train_step on the script, timed by phase (rollout,
+    pi_old/pi_ref log-probs, update), its rollout's tokens/s beside model.generate re-run over each
+    whole history every turn, in the same chunks of rollout_batch_size questions (the same tokens,
+    checked). --tiny runs all of it on the CPU with a tiny Qwen2.
+    """
+    import dataclasses
+    import functools
+    from unittest import mock
+
+    import torch
+    from transformers import AutoTokenizer
+
+    import searchr1
+    from retriever import format_passages
+    from rollout import build_prompt, observation, rollout
+    from wip_bench_rollout import QWEN_TOKENIZER, forced_script, generate_rollout, script_hook
+
+    for key, value in (GPU_TINY_SIZES if args.tiny else GPU_SIZES).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.tiny:
+        device = torch.device("cpu")
+        # tiny ops gain nothing from more threads, and on cores other programs share each op waits for
+        # descheduled threads (measured here: 1 thread ~15x faster than 2 on a loaded 2-core machine)
+        torch.set_num_threads(args.threads or 1)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        raise SystemExit("bench.py gpu: no CUDA device is visible; `bench.py gpu --tiny` runs the same code on the CPU")
+    cuda = device.type == "cuda"
+    if cuda:  # a consumer card's memory: allocations beyond the cap fail as they would there
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device)
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({threads} thread{'s' * (threads > 1)})"
+    architecture = TINY_QWEN2 if args.tiny else QWEN25_3B
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or (QWEN_TOKENIZER if QWEN_TOKENIZER.exists()
+                                                                 else "Qwen/Qwen2.5-3B"))
+    settings = dict(batch_size=args.questions, max_new_tokens=args.tokens_per_turn, seed=args.seed, device=device.type)
+    settings.update({key: getattr(args, key) for key in ("group_size", "micro_batch_size", "rollout_batch_size")
+                     if getattr(args, key)})
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as folder:  # the checkpoint is gone once loaded
+        _save_random_qwen2(architecture, tokenizer, Path(folder), device)
+        cfg = searchr1.Config(model=folder, **settings)
+        tokenizer, model = searchr1.load_policy(cfg, device)
+    model_name = f"random {'tiny Qwen2' if args.tiny else 'Qwen2.5-3B'}, NF4 + LoRA r{cfg.lora_r}"
+    turns, chunk = cfg.max_turns + 1, min(cfg.rollout_batch_size, args.questions)
+
+    # --- the script: one per chunk of rollout_batch_size questions (the hook sees rows within a chunk)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows = chunk * cfg.group_size
+    script = forced_script(tokenizer, torch.full((rows, turns), args.tokens_per_turn), architecture["vocab_size"],
+                           args.seed)  # (rows, turns, tokens_per_turn)
+    for row in range(rows):  # the last turn ends in an answer where its search tag would close
+        answer = encode(f" <answer> {'no' if row % 2 else 'yes'} </answer>")
+        if len(encode("<search>")) + len(answer) >= args.tokens_per_turn:
+            raise SystemExit(f"--tokens-per-turn {args.tokens_per_turn} is too short for a turn with an answer")
+        script[row, -1, args.tokens_per_turn - len(answer):] = torch.tensor(answer)
+    hook = script_hook(script.to(device))
+    text = tokenizer.decode(encode("The passage tells of a town by the river, its people and their long history. "
+                                   * (args.passage_tokens // 10 + 1))[: args.passage_tokens])
+    passages = format_passages([{"title": f"Town {i}", "text": text} for i in range(1, cfg.topk + 1)])
+    search = lambda queries: [passages] * len(queries)  # noqa: E731
+    questions = [{"question": f"What happened in town number {i}", "golden_answers": ["yes"]}
+                 for i in range(args.questions)]
+    prompts = [build_prompt(q["question"], tokenizer, searchr1.uses_chat_template(cfg)) for q in questions]
+    rollout_cfg = cfg.rollout_config()
+
+    notes = []
+    model.eval()
+    short = dataclasses.replace(rollout_cfg, max_new_tokens=4)  # warm-up: kernels, allocator, caches
+    rollout(model, tokenizer, prompts[:1], search, short, logits_hook=hook)
+    generate_rollout(model, tokenizer, prompts[:1], search, short, script)
+    naive = _measure("model.generate", lambda: [  # in train_step's chunks
+        t for i in range(0, len(prompts), chunk)
+        for t in generate_rollout(model, tokenizer, prompts[i: i + chunk], search, rollout_cfg, script)], device, notes)
+
+    # --- one real GRPO step whose rollout follows the script; the parameters before it, to see what it changed
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    before = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+    sampled_in_step = []  # what train_step's rollout returned, chunk after chunk
+    def forced_rollout(*positional, **keywords):
+        trajectories = rollout(*positional, logits_hook=hook, **keywords)
+        sampled_in_step.extend(trajectories)
+        return trajectories
+    def step():
+        with mock.patch.object(searchr1, "rollout", forced_rollout):
+            return searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, device)
+    trained = _measure("train_step", step, device, notes)
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[name])]
+    del before
+
+    # --- results, and the consumer card scaled from the measured device
+    forced = args.questions * cfg.group_size * turns * args.tokens_per_turn  # tokens the script makes sample
+    r = {"device": device_name, "model": model_name, "batch": f"{args.questions} x {cfg.group_size}",
+         "forced_tokens": forced, "sampled_tokens": sum(sum(t.loss_mask) for t in sampled_in_step) if trained else None,
+         "response_tokens": max(len(t.response_ids) for t in sampled_in_step) if trained else None,
+         "generate_tok_s": forced / naive[1] if naive else None, "generate_peak_gb": naive[2] if naive else None,
+         "same_tokens": [t.response_ids for t in sampled_in_step] == naive[0] if trained and naive else None,
+         "changed_lora": sum("lora_" in name for name in changed),
+         "changed_frozen": sum("lora_" not in name for name in changed), "notes": notes}
+    if trained:
+        stats, _, r["peak_gb"] = trained
+        r.update({key: stats[key] for key in ("rollout_s", "logprob_s", "update_s", "step_s", "reward")})
+        r["ours_tok_s"], r["steps_in_3h"] = stats["tokens_per_s"], 3 * 3600 / stats["step_s"]
+    r["ratio"] = r["ours_tok_s"] / r["generate_tok_s"] if trained and naive else None
+    measured = ((args.device_tbps, args.device_tflops) if args.device_tbps and args.device_tflops
+                else next((numbers for piece, numbers in CARDS.items() if piece in device_name), None))
+    estimate = None
+    if measured and trained:
+        by_bandwidth, by_flops = measured[0] / args.card_tbps, measured[1] / args.card_tflops
+        step_s = r["rollout_s"] * by_bandwidth + (r["logprob_s"] + r["update_s"]) * by_flops
+        estimate = {**r, "device": f"{args.card_name} (estimate)", "ours_tok_s": r["ours_tok_s"] / by_bandwidth,
+                    "generate_tok_s": r["generate_tok_s"] and r["generate_tok_s"] / by_bandwidth,
+                    "rollout_s": r["rollout_s"] * by_bandwidth, "logprob_s": r["logprob_s"] * by_flops,
+                    "update_s": r["update_s"] * by_flops, "step_s": step_s, "steps_in_3h": 3 * 3600 / step_s}
+    r["estimate"] = estimate
+
+    # --- the table
+    def cell(row, key, spec):
+        return "OOM" if row.get(key) is None else format(row[key], spec)
+    obs_tokens = min(len(encode(observation(passages))), cfg.max_obs_tokens)
+    cap = f"GPU memory capped at {args.memory_cap_gb:g} GiB" if cuda else "CPU: peak GB is the process's peak RSS"
+    print(f"\n{r['model']}; {r['batch']} trajectories in rollout chunks of {chunk} question{'s' * (chunk > 1)}, "
+          f"{turns} turns of {args.tokens_per_turn} forced tokens, observations of {cfg.topk} passages ({obs_tokens} "
+          f"tokens), micro-batch {cfg.micro_batch_size}, gradient checkpointing; {cap}")
+    print("| " + " | ".join(GPU_COLUMNS) + " |")
+    print("|" + "---|" * len(GPU_COLUMNS))
+    numbers = [("ours_tok_s", ",.0f"), ("generate_tok_s", ",.0f"), ("ratio", ".2f"), ("rollout_s", ".1f"),
+               ("logprob_s", ".1f"), ("update_s", ".1f"), ("step_s", ".1f"), ("peak_gb", ".2f"), ("steps_in_3h", ".0f")]
+    for row in [r] + ([estimate] if estimate else []):  # the columns of GPU_COLUMNS
+        print("| " + " | ".join([row["device"], row["model"], row["batch"]]
+                                + [cell(row, key, spec) for key, spec in numbers]) + " |")
+    same = {True: "yes", False: "NO", None: "not compared"}[r["same_tokens"]]
+    print(f"sampled tokens {cell(r, 'sampled_tokens', 'd')} of {forced} forced, the same both ways: {same}; peak GB: "
+          f"generate {cell(r, 'generate_peak_gb', '.2f')}, train step {cell(r, 'peak_gb', '.2f')}; the step changed "
+          f"{r['changed_lora']} LoRA tensors and {r['changed_frozen']} others; reward {cell(r, 'reward', '.2f')}")
+    # memory arithmetic: keys and values of a rollout chunk at full length; fp32 logits of one micro-batch
+    response = turns * args.tokens_per_turn + cfg.max_turns * obs_tokens
+    longest = max(len(p) for p in prompts) + response
+    head_dim = architecture["hidden_size"] // architecture["num_attention_heads"]
+    kv_gb = (rows * longest * architecture["num_hidden_layers"] * 2 * architecture["num_key_value_heads"] * head_dim
+             * (2 if cuda else 4)) / 2**30  # keys and values, bf16 on CUDA, fp32 on the CPU
+    logits_gb = cfg.micro_batch_size * response * architecture["vocab_size"] * 4 / 2**30
+    print(f"memory arithmetic: KV cache of one rollout chunk ({rows} x {longest} tokens) {kv_gb:.2f} GB; "
+          f"fp32 logits of one micro-batch in a log-prob pass {logits_gb:.2f} GB")
+    print("targets (issue 6):")
+    for row in [r] + ([estimate] if estimate else []):
+        peak_ok = row.get("peak_gb") is not None and row["peak_gb"] < GPU_TARGETS["peak_gb"]
+        steps_ok = row.get("steps_in_3h") is not None and row["steps_in_3h"] >= GPU_TARGETS["steps_in_3h"]
+        print(f"  {row['device']}: peak memory {cell(row, 'peak_gb', '.2f')} GB (< {GPU_TARGETS['peak_gb']}): "
+              f"{'met' if peak_ok else 'NOT met'}; GRPO steps in 3 h {cell(row, 'steps_in_3h', '.0f')} "
+              f"(>= {GPU_TARGETS['steps_in_3h']}): {'met' if steps_ok else 'NOT met'}")
+    if estimate:
+        print(f"estimate: {device_name} taken as {measured[0]:g} TB/s and {measured[1]:g} dense bf16 TFLOPS, "
+              f"{args.card_name} as {args.card_tbps:g} TB/s and {args.card_tflops:g}. The rollout's time is scaled "
+              "by memory bandwidth (decoding reads every weight and the KV cache for each token), the log-prob and "
+              "update passes by FLOPs; the 4-bit dequantization and the CPU-side sampling loop follow neither, so "
+              "it is a rough figure; peak memory is the measured one (same code, same cap).")
+    elif not measured:
+        print(f"no consumer-card estimate: the peak numbers of {device_name} are unknown "
+              "(give --device-tbps and --device-tflops)")
+    for note in notes:
+        print(f"note: {note}")
+
+    if args.profile and trained:  # one more step under the profiler: where its seconds go
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as profiler:
+            profiled = _measure("the profiled step", step, device, notes)
+        if profiled:
+            order = "self_device_time_total" if cuda else "self_cpu_time_total"
+            print(f"\nprofile of one more train_step ({profiled[1]:.1f} s with the profiler on), top ops by {order}:")
+            print(profiler.key_averages().table(sort_by=order, row_limit=args.profile_rows))
+    return r
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,6 +544,37 @@ def main():
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--workdir", default=None, help="folder for the temporary corpus and index")
     serve.set_defaults(run=bench_serve)
+
+    gpu = commands.add_parser("gpu", help="Qwen2.5-3B in 4-bit + LoRA under a 24 GB cap: rollout tokens/s, "
+                                          "GRPO step by phase, peak memory, steps in 3 hours")
+    gpu.add_argument("--tiny", action="store_true",
+                     help="the same code on the CPU: a tiny Qwen2, small batch and lengths (seconds)")
+    gpu.add_argument("--questions", type=int, default=None, help="questions a step (default: 64; --tiny: 2)")
+    gpu.add_argument("--tokens-per-turn", type=int, default=None,
+                     help="tokens forced in each of the 3 turns, = the per-turn budget (default: 500; --tiny: 12)")
+    gpu.add_argument("--passage-tokens", type=int, default=None,
+                     help="tokens of each of the 3 passages a search returns (default: 130; --tiny: 4)")
+    gpu.add_argument("--group-size", type=int, default=None,
+                     help="samples per question (default: searchr1's Config; --tiny: 2)")
+    gpu.add_argument("--micro-batch-size", type=int, default=None, help="default: searchr1's Config; --tiny: 2")
+    gpu.add_argument("--rollout-batch-size", type=int, default=None,
+                     help="questions per rollout call (default: searchr1's Config; --tiny: 1)")
+    gpu.add_argument("--memory-cap-gb", type=float, default=24, help="usable GPU memory in GiB, a consumer card's")
+    gpu.add_argument("--card-name", default="RTX 4090", help="the consumer card estimated")
+    gpu.add_argument("--card-tbps", type=float, default=1.008, help="its memory bandwidth, TB/s")
+    gpu.add_argument("--card-tflops", type=float, default=165, help="its dense bf16 TFLOPS (FP32 accumulate)")
+    gpu.add_argument("--device-tbps", type=float, default=None,
+                     help="the measured device's bandwidth, TB/s, when bench.CARDS does not know it")
+    gpu.add_argument("--device-tflops", type=float, default=None, help="and its dense bf16 TFLOPS")
+    gpu.add_argument("--profile", action="store_true",
+                     help="run one more step under torch.profiler and print the ops that take the most time")
+    gpu.add_argument("--profile-rows", type=int, default=25, help="ops the profile shows")
+    gpu.add_argument("--threads", type=int, default=None, help="torch CPU threads with --tiny (default: 1)")
+    gpu.add_argument("--seed", type=int, default=0)
+    gpu.add_argument("--tokenizer", default=None,
+                     help="default: ../shared/data/qwen2.5-tokenizer when present, else Qwen/Qwen2.5-3B from the hub")
+    gpu.add_argument("--workdir", default=None, help="folder for the random checkpoint (6 GB for 3B)")
+    gpu.set_defaults(run=bench_gpu)
 
     args = parser.parse_args()
     args.run(args)

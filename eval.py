@@ -185,12 +185,18 @@ def em_table(em: dict[tuple[str, str], float], methods: list[str], datasets: lis
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, value) -> None:
-    """Atomic: write a temporary file, then rename it, so a killed run never leaves half a file."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file, then rename it: a killed run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def save_predictions(path: Path, settings: dict, predictions: list[dict]) -> None:
+    """One (method, dataset) cell: the settings that made it, its means, and every prediction."""
+    cell = {"settings": settings, **summarize(predictions), "predictions": predictions}
+    write_atomic(path, json.dumps(cell, indent=1, ensure_ascii=False) + "\n")
 
 
 def saved_predictions(path: Path, settings: dict, questions: list[dict]) -> list[dict] | None:

@@ -77,7 +77,11 @@ def build_prompt(question: str, tokenizer, chat: bool) -> list[int]:
     question = question.strip()
     if not question.endswith("?"):
         question += "?"
-    text = PROMPT_TEMPLATE.format(question=question)
+    return encode_prompt(PROMPT_TEMPLATE.format(question=question), tokenizer, chat)
+
+
+def encode_prompt(text: str, tokenizer, chat: bool) -> list[int]:
+    """A prompt's token ids: the text as is (base models), or as the user message of the chat template."""
     if not chat:
         return tokenizer(text)["input_ids"]
     messages = [{"role": "user", "content": text}]

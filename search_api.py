@@ -104,6 +104,10 @@ def retrieve(index, queries: list[str], topk: int, return_scores: bool) -> dict:
 class SearchHandler(http.server.BaseHTTPRequestHandler):
     """One connection: POST /retrieve, answered from `self.server.index`."""
     protocol_version = "HTTP/1.1"  # keep-alive: a client may send batch after batch on one connection
+    # Headers and body leave in two writes. With Nagle's algorithm on, the body would wait for the
+    # client to acknowledge the headers, which a keep-alive client delays by up to 40 ms (measured:
+    # 44 ms per 1-query request over keep-alive with it, under 1 ms without).
+    disable_nagle_algorithm = True
     timeout = 60  # seconds a silent client may hold its thread
 
     def do_POST(self):

@@ -3,11 +3,13 @@
     retriever.py  BM25 over a Wikipedia-style corpus          (chapter 1: the search engine)
     rollout.py    the policy writes, searches, reads, answers (chapter 2: trajectories)
     grpo.py       group advantages, clipped loss, KL          (chapter 3: the update)
+    ppo.py        critic, GAE, value loss (--algo ppo)        (chapter 3b: the paper's other update)
     eval.py       exact match, QA data                        (chapter 4: the reward)
     searchr1.py   Config, model loading, train_step, checkpoints, CLI (this file)
 
 One training step (`train_step`, below) is the whole algorithm:
     rollout -> reward (EM) -> group advantages -> reference log-probs -> clipped loss + KL -> AdamW
+(--algo ppo: one response per question, and the critic replaces the group as the baseline: ppo.py)
 
 Where this departs from the paper's setup (Jin et al. 2025, arXiv 2503.09516) and why:
 - The policy is a 4-bit NF4 base with a LoRA adapter (QLoRA), not full fine-tuning on 8 GPUs:
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -35,10 +38,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval import DataError, TRAIN_SETS, exact_match, extract_answer, load_qa
+from eval import (BENCHMARKS, METHODS, TRAIN_SETS, DataError, baseline_prompt, em_table, exact_match,
+                  extract_answer, load_qa, prediction, save_predictions, saved_predictions, summarize,
+                  write_atomic)
 from grpo import group_advantages, grpo_loss, token_logprobs
+from ppo import CRITIC, add_critic, param_groups, ppo_update
 from retriever import BM25Index, CorpusError, format_passages
-from rollout import RolloutConfig, build_prompt, rollout
+from rollout import RolloutConfig, build_prompt, encode_prompt, rollout
 from search_api import RemoteIndex, SearchUnavailable, serve
 
 # Short names for the usual models; any hub id or local folder works as --model too.
@@ -58,7 +64,7 @@ WIKI18 = ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz")  # hub dataset, file 
 TINY = dict(load_4bit=False, gradient_checkpointing=False, chat="no", steps=16, batch_size=16,
             group_size=5, updates_per_step=1, micro_batch_size=80, lr=3e-3, lora_r=16, lora_alpha=32,
             warmup_ratio=0.0, max_new_tokens=32, eval_every=4, eval_size=200, eval_batch_size=200,
-            save_every=16)
+            save_every=16, critic_lr=1e-2)
 
 
 def opt(default, help):
@@ -98,6 +104,12 @@ class Config:
     clip_eps: float = opt(0.2, "PPO clip range epsilon")
     kl_coef: float = opt(0.001, "beta, weight of the low-variance KL to the reference policy")
     mask_observations: bool = opt(True, "retrieved-token masking; --no-mask-observations is the paper's ablation")
+    # --- PPO (ppo.py): --algo ppo adds a critic and samples one response per question
+    algo: str = opt("grpo", "'grpo' (group baseline) or 'ppo' (critic baseline; group_size is then forced to 1, n = 1 as in the paper)")
+    critic_lr: float = opt(2e-4, "critic LoRA + value head learning rate: 10x the actor's, the paper's ratio (1e-5 vs 1e-6)")
+    gae_gamma: float = opt(1.0, "GAE discount gamma (paper: 1, the reward comes only at the end)")
+    gae_lambda: float = opt(1.0, "GAE lambda (paper: 1: advantage = return - value)")
+    value_clip: float = opt(0.5, "how far one update may move a value from the one GAE used (paper: 0.5)")
     # --- rollout (SPEC section 3)
     max_turns: int = opt(2, "search turns before the forced final answer turn (released script: 2)")
     max_new_tokens: int = opt(500, "tokens the policy may sample in one turn")
@@ -119,6 +131,10 @@ class Config:
                              max_obs_tokens=self.max_obs_tokens, top_p=self.top_p,
                              temperature=0.0 if greedy else self.temperature,
                              n_samples=1 if greedy else self.group_size)
+
+    def __post_init__(self):
+        if self.algo == "ppo":  # the critic is the baseline: no group needed (Search-R1's PPO: n = 1)
+            self.group_size = 1
 
 
 class UsageError(Exception):
@@ -165,7 +181,10 @@ def load_policy(cfg: Config, device: torch.device):
         model.activation_checkpointing_enable({"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
-    return tokenizer, get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if cfg.algo == "ppo":  # the critic: a second adapter and a value head on the same base (ppo.py)
+        add_critic(model)
+    return tokenizer, model
 
 
 def uses_chat_template(cfg: Config) -> bool:
@@ -231,16 +250,23 @@ def micro_batch_logprobs(model, mb: dict, device, temperature: float):
                           mb["response_start"], temperature)
 
 
+def clock(device) -> float:
+    """time.time() once the GPU has run the work queued so far (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, device) -> dict:
-    """One GRPO step: rollout -> reward -> advantages -> reference log-probs -> update."""
-    t0 = time.time()
+    """One GRPO (or PPO) step: rollout -> reward -> advantages -> reference log-probs -> update."""
+    t0 = clock(device)
     # 1. rollout: G responses per question from the current policy (trajectories prompt-major)
     model.eval()
     prompts = [build_prompt(q["question"], tokenizer, uses_chat_template(cfg)) for q in questions]
     trajectories = [t for i in range(0, len(prompts), cfg.rollout_batch_size)   # chunks bound the KV cache
                     for t in rollout(model, tokenizer, prompts[i: i + cfg.rollout_batch_size], search,
                                      cfg.rollout_config())]
-    rollout_s = time.time() - t0
+    t_rollout = clock(device)
     # 2. reward: r = EM(extracted answer, golden answers), 1 or 0
     golden = [q["golden_answers"] for q in questions for _ in range(cfg.group_size)]
     rewards = torch.tensor([exact_match(extract_answer(t.text), g) for t, g in zip(trajectories, golden)])
@@ -258,24 +284,29 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
             # retrieved-token masking: train on sampled tokens only, or (ablation) on all of them
             mb["train_mask"] = (mb["loss_mask"] if cfg.mask_observations else mb["response_mask"]).to(device)
             micro_batches.append(mb)
+    t_logprob = clock(device)
     # 5. update: each mini-batch is one optimizer step; its micro-batches accumulate gradients
     model.train()
-    per_update = math.ceil(len(micro_batches) / cfg.updates_per_step)
-    sums, grad_norms = {"policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}, []
-    for u in range(0, len(micro_batches), per_update):
-        mini_batch = micro_batches[u: u + per_update]
-        n_tokens = max(sum(mb["train_mask"].sum().item() for mb in mini_batch), 1.0)
-        for mb in mini_batch:
-            logp = micro_batch_logprobs(model, mb, device, cfg.temperature)     # (b, R), with grad
-            loss, stats = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"].to(device),
-                                    mb["train_mask"], n_tokens, cfg.clip_eps, cfg.kl_coef)
-            loss.backward()
-            for key in sums:
-                sums[key] += stats[key]
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    if cfg.algo == "ppo":  # the critic is the baseline: token rewards -> GAE -> actor and critic steps
+        sums, grad_norms, batch_stats = ppo_update(model, optimizer, micro_batches, rewards, cfg, device)
+    else:
+        per_update = math.ceil(len(micro_batches) / cfg.updates_per_step)
+        sums, grad_norms, batch_stats = {"policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}, [], {}
+        for u in range(0, len(micro_batches), per_update):
+            mini_batch = micro_batches[u: u + per_update]
+            n_tokens = max(sum(mb["train_mask"].sum().item() for mb in mini_batch), 1.0)
+            for mb in mini_batch:
+                logp = micro_batch_logprobs(model, mb, device, cfg.temperature)     # (b, R), with grad
+                loss, stats = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"].to(device),
+                                        mb["train_mask"], n_tokens, cfg.clip_eps, cfg.kl_coef)
+                loss.backward()
+                for key in sums:
+                    sums[key] += stats[key]
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    t_end = clock(device)
     n_trained = sum(mb["train_mask"].sum().item() for mb in micro_batches)
     sampled = sum(sum(t.loss_mask) for t in trajectories)
     return {"reward": rewards.mean().item(),
@@ -283,25 +314,27 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
             "turns": sum(t.n_turns for t in trajectories) / len(trajectories),
             "answered": sum(t.answered for t in trajectories) / len(trajectories),
             "response_len": sum(len(t.response_ids) for t in trajectories) / len(trajectories),
-            **{key: value / max(n_trained, 1) for key, value in sums.items()},
+            **{key: value / max(n_trained, 1) for key, value in sums.items()}, **batch_stats,
             "grad_norm": sum(grad_norms) / len(grad_norms),
-            "rollout_s": rollout_s, "step_s": time.time() - t0,
-            "tokens_per_s": sampled / max(rollout_s, 1e-9)}
+            # seconds by phase: rollout; reward + pi_old and pi_ref log-probs; optimisation
+            "rollout_s": t_rollout - t0, "logprob_s": t_logprob - t_rollout, "update_s": t_end - t_logprob,
+            "step_s": t_end - t0, "tokens_per_s": sampled / max(t_rollout - t0, 1e-9)}
 
 
-def evaluate(model, tokenizer, questions, search, cfg: Config, desc: str = "eval") -> dict:
-    """Greedy rollouts on held-out questions: EM, searches per question, answer rate."""
+def evaluate(model, tokenizer, questions, search, cfg: Config, desc: str = "eval", prompts=None) -> list[dict]:
+    """Greedy rollouts, batched: one eval.prediction row per question (eval.summarize averages them).
+
+    prompts(batch of questions) -> their prompt token ids; None = SPEC's Search-R1 prompt.
+    """
     model.eval()
-    em, searches, answered = [], [], []
+    prompts = prompts or (lambda batch: [build_prompt(q["question"], tokenizer, uses_chat_template(cfg))
+                                         for q in batch])
+    predictions = []
     for i in tqdm(range(0, len(questions), cfg.eval_batch_size), desc=desc, leave=False):
         batch = questions[i: i + cfg.eval_batch_size]
-        prompts = [build_prompt(q["question"], tokenizer, uses_chat_template(cfg)) for q in batch]
-        for t, q in zip(rollout(model, tokenizer, prompts, search, cfg.rollout_config(greedy=True)), batch):
-            em.append(exact_match(extract_answer(t.text), q["golden_answers"]))
-            searches.append(t.n_searches)
-            answered.append(float(t.answered))
-    n = len(em)
-    return {"em": sum(em) / n, "searches": sum(searches) / n, "answered": sum(answered) / n}
+        for t, q in zip(rollout(model, tokenizer, prompts(batch), search, cfg.rollout_config(greedy=True)), batch):
+            predictions.append(prediction(q, t.text, t.queries, t.answered))
+    return predictions
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -311,6 +344,9 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler):
     final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)                       # the LoRA adapter, in peft's format
+    if CRITIC in model.peft_config:                  # PPO: the critic adapter went to tmp/critic/; its head
+        from safetensors.torch import save_file
+        save_file(model.value_head.state_dict(), tmp / "value_head.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": step}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
@@ -323,15 +359,29 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(run: Path, model, optimizer, scheduler) -> int:
-    """Restore adapter, optimizer and scheduler from the last checkpoint; returns its step."""
+def load_adapter(model, folder: Path):
+    """Put the LoRA weights saved in `folder` (peft's adapter_model.safetensors) into `model`."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
+    result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    missing = [key for key in result.missing_keys if "lora_" in key and f".{CRITIC}." not in key]  # PPO: loaded apart
+    if missing or result.unexpected_keys:
+        raise UsageError(f"{folder}: the adapter does not fit this model ({len(missing)} LoRA weights "
+                         f"missing, {len(result.unexpected_keys)} unexpected): was it trained on another base?")
+
+
+def load_checkpoint(run: Path, model, optimizer, scheduler) -> int:
+    """Restore adapter, optimizer and scheduler from the last checkpoint; returns its step."""
     latest = run / "checkpoints" / "latest.json"
     if not latest.exists():
         raise UsageError(f"--resume: no checkpoint in {run} (looked for {latest})")
     ckpt = run / "checkpoints" / json.loads(latest.read_text())["path"]
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    load_adapter(model, ckpt)
+    if CRITIC in model.peft_config:  # PPO: the critic adapter (peft's subfolder) and the value head
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        set_peft_model_state_dict(model, load_file(ckpt / CRITIC / "adapter_model.safetensors"), adapter_name=CRITIC)
+        model.value_head.load_state_dict(load_file(ckpt / "value_head.safetensors"))
     # weights_only: the unpickler accepts tensors and plain containers only, never code
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
@@ -359,6 +409,8 @@ def peak_memory_gb(device) -> float:
 def train(cfg: Config) -> dict:
     """Train; returns the last evaluation. Writes out_dir/metrics.jsonl and checkpoints."""
     resolve_model(cfg.model)  # an unknown alias fails now, not after the data has loaded
+    if cfg.algo not in ("grpo", "ppo"):
+        raise UsageError(f"--algo {cfg.algo!r}: use 'grpo' or 'ppo'")
     device = pick_device(cfg)
     if device.type == "cpu" and cfg.model in MODELS and cfg.device == "auto":
         raise UsageError(f"{cfg.model} needs a CUDA GPU and none is visible; try --model tiny "
@@ -370,7 +422,8 @@ def train(cfg: Config) -> dict:
     search = make_search(cfg)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: same seed, same run
     tokenizer, model = load_policy(cfg, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = (param_groups(model, cfg.lr, cfg.critic_lr) if cfg.algo == "ppo"  # actor, critic
+                 else [p for p in model.parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -404,7 +457,7 @@ def train(cfg: Config) -> dict:
             scheduler.step()
             row["peak_mem_gb"] = peak_memory_gb(device)
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-                result = evaluate(model, tokenizer, eval_qs, search, cfg)
+                result = summarize(evaluate(model, tokenizer, eval_qs, search, cfg))
                 row.update({f"eval_{k}": v for k, v in result.items()})
             with log_path.open("a") as log:
                 log.write(json.dumps(row) + "\n")
@@ -420,18 +473,160 @@ def train(cfg: Config) -> dict:
     return result
 
 
-def run_tiny(cfg: Config) -> dict:
-    """`--model tiny`: tiny.py's task end to end -- data, index, warm-up, GRPO through train()."""
+def run_tiny(cfg: Config, task=None) -> dict:
+    """`--model tiny`: tiny.py's task end to end -- data, index, warm-up, GRPO through train().
+
+    task: a tiny.TinyTask (size of the task and of its warm-up); None = the default one."""
     import tiny
-    run = Path(cfg.out_dir or ("runs/tiny" if cfg.mask_observations else "runs/tiny-no-mask"))
-    paths = tiny.prepare(run / "task", tiny.TinyTask(seed=cfg.seed), cfg.topk)
+    run = Path(cfg.out_dir or ("runs/tiny" + ("-ppo" if cfg.algo == "ppo" else "")
+                               + ("" if cfg.mask_observations else "-no-mask")))
+    paths = tiny.prepare(run / "task", task or tiny.TinyTask(seed=cfg.seed), cfg.topk)
     cfg = dataclasses.replace(cfg, out_dir=str(run), **paths)  # --model is now the warm-up folder
     tokenizer, model = load_policy(cfg, pick_device(cfg))      # LoRA starts at B = 0: the warm-up model
-    before = evaluate(model, tokenizer, load_questions(cfg)[1], make_search(cfg), cfg, desc="eval warm-up")
+    before = summarize(evaluate(model, tokenizer, load_questions(cfg)[1], make_search(cfg), cfg, desc="eval warm-up"))
     after = train(cfg)
     print(tiny.before_after_table(before, after))
-    print(tiny.save_reward_curve({"GRPO": run / "metrics.jsonl"}, run / "reward_curve.png"))
+    print(tiny.save_reward_curve({cfg.algo.upper(): run / "metrics.jsonl"}, run / "reward_curve.png"))
     return {"before": before, "after": after}
+
+
+# ----------------------------------------------------------------------------- eval and ask
+def load_agent(cfg: Config, adapter: str, device):
+    """load_policy, with a trained adapter put in: a checkpoint folder, or a run folder (its latest)."""
+    if not adapter:
+        return load_policy(cfg, device)  # a fresh adapter adds exactly 0: the model as it is
+    folder, latest = Path(adapter), Path(adapter) / "checkpoints" / "latest.json"
+    if latest.is_file():
+        folder = latest.parent / json.loads(latest.read_text())["path"]
+    if not (folder / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {adapter}: no adapter_config.json there; give a checkpoint folder "
+                         "(<run>/checkpoints/step-N) or a run folder")
+    lora = json.loads((folder / "adapter_config.json").read_text())  # the shapes it was trained with
+    cfg = dataclasses.replace(cfg, lora_r=lora["r"], lora_alpha=lora["lora_alpha"],
+                              lora_targets=lora["target_modules"])
+    tokenizer, model = load_policy(cfg, device)
+    load_adapter(model, folder)
+    return tokenizer, model
+
+
+def method_prompts(method: str, tokenizer, chat: bool, search):
+    """evaluate's prompts for a method: None (SPEC's prompt) for search-r1, else the baseline's."""
+    if method == "search-r1":
+        return None
+    def prompts(batch):  # RAG: the top-k passages of the question itself, retrieved once
+        passages = search([q["question"] for q in batch]) if method == "rag" else [""] * len(batch)
+        return [encode_prompt(baseline_prompt(method, q["question"], p), tokenizer, chat)
+                for q, p in zip(batch, passages)]
+    return prompts
+
+
+# what makes a saved (method, dataset) result reusable by a resumed `eval`
+EVAL_SETTINGS = ("model", "chat", "load_4bit", "corpus", "search_url", "topk", "max_turns", "max_new_tokens",
+                 "max_obs_tokens", "seed")
+
+
+def command_eval(cfg: Config, args) -> None:
+    """Every (method, dataset) cell: load saved predictions made with the same settings, or evaluate."""
+    methods, sources = args.methods.split(","), args.datasets.split(",")
+    if unknown := sorted(set(methods) - set(METHODS)):
+        raise UsageError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    names = [Path(s).stem if s.endswith((".jsonl", ".json")) else s for s in sources]  # table columns
+    if len(set(names)) < len(names):
+        raise UsageError(f"--datasets: two datasets share a name ({', '.join(names)}); rename a file")
+    out = Path(cfg.out_dir or (Path(args.adapter) / "eval" if args.adapter else f"runs/eval/{Path(cfg.model).name}"))
+    settings = {key: getattr(cfg, key) for key in EVAL_SETTINGS} | {"adapter": args.adapter, "limit": args.limit}
+    cells, todo = {}, []  # (method, dataset name) -> predictions; cells still to evaluate
+    for source, name in zip(sources, names):
+        questions = load_qa(source)
+        if 0 < args.limit < len(questions):
+            questions = random.Random(cfg.seed).sample(questions, args.limit)
+        for method in methods:
+            cell = {**settings, "method": method, "dataset": source}
+            cells[method, name] = saved_predictions(out / method / f"{name}.json", cell, questions)
+            if cells[method, name] is None:
+                todo.append((method, name, questions, cell))
+    if todo:  # nothing is loaded when every cell was saved by an earlier run
+        tokenizer, model = load_agent(cfg, args.adapter, pick_device(cfg))
+        search = make_search(cfg) if any(method != "direct" for method, *_ in todo) else None
+    for method, name, questions, cell in todo:
+        # the baselines answer in one turn that runs no search: max_turns 0
+        run_cfg = cfg if method == "search-r1" else dataclasses.replace(cfg, max_turns=0)
+        cells[method, name] = evaluate(model, tokenizer, questions, search, run_cfg, desc=f"{method} {name}",
+                                       prompts=method_prompts(method, tokenizer, uses_chat_template(cfg), search))
+        save_predictions(out / method / f"{name}.json", cell, cells[method, name])
+        tqdm.write(f"{method} on {name}: EM {summarize(cells[method, name])['em']:.3f}")
+    sizes = ", ".join(f"{name} {len(cells[methods[0], name])}" for name in names)
+    table = (em_table({key: summarize(p)["em"] for key, p in cells.items()}, methods, names)
+             + f"\nExact match, greedy. Model {cfg.model}{' + adapter ' + args.adapter if args.adapter else ''}; "
+               f"questions per dataset: {sizes}.\n")
+    write_atomic(out / "results.md", table)
+    print(table + f"\nsaved: {out / 'results.md'}, predictions in {out}/<method>/<dataset>.json")
+
+
+def command_ask(cfg: Config, args) -> None:
+    """Greedy Search-R1 rollouts of one question at a time, printed as they are sampled."""
+    tokenizer, model = load_agent(cfg, args.adapter, pick_device(cfg))
+    search, chat = make_search(cfg), uses_chat_template(cfg)
+
+    def search_and_show(queries):
+        results = search(queries)
+        for passages in results:
+            titles = re.findall(r"^Doc \d+\(Title: (.*?)\) ", passages, flags=re.MULTILINE)
+            print(f"\n[found: {'; '.join(titles) or 'nothing'}]", flush=True)
+        return results
+
+    turn_ids, shown = [], [""]
+    def show_token(logits, rows, turn, step):
+        """A logits hook that changes nothing: greedy decoding samples this argmax; print it now."""
+        if step == 0:
+            turn_ids.clear()
+            shown[0] = ""
+        turn_ids.append(int(logits[0].argmax()))
+        text = tokenizer.decode(turn_ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # else: wait for the rest of a multi-byte character
+            print(text[len(shown[0]):], end="", flush=True)
+            shown[0] = text
+        return logits
+
+    def answer(question: str):
+        prompt = build_prompt(question, tokenizer, chat)
+        (t,) = rollout(model, tokenizer, [prompt], search_and_show, cfg.rollout_config(greedy=True),
+                       logits_hook=show_token)
+        print(f"\nanswer: {extract_answer(t.text) or '(none)'}  ({t.n_searches} searches)\n", flush=True)
+
+    if args.question:
+        return answer(args.question)
+    while True:  # one question a line, until an empty line or the end of the input
+        try:
+            question = input("question> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        answer(question)
+
+
+def adapter_argument(parser: argparse.ArgumentParser):
+    parser.add_argument("--adapter", default="", help="a LoRA adapter from training: a checkpoint folder "
+                        "(<run>/checkpoints/step-N) or a run folder (its latest checkpoint); --model is its "
+                        "base (default: none, the model as it is)")
+
+
+def eval_arguments(parser: argparse.ArgumentParser):
+    adapter_argument(parser)
+    parser.add_argument("--datasets", default=",".join(BENCHMARKS),
+                        help="comma-separated benchmark names (hub, the paper's split) or FlashRAG JSONL files "
+                             "(default: the paper's seven)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, of {', '.join(METHODS)} (default: all three)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="questions per dataset, a sample seeded by --seed; 0 = all (default: 0)")
+
+
+def ask_arguments(parser: argparse.ArgumentParser):
+    adapter_argument(parser)
+    parser.add_argument("question", nargs="?", default="",
+                        help="the question; none = read questions from standard input until an empty line")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -465,9 +660,14 @@ def serve_arguments(parser: argparse.ArgumentParser):
 
 # name -> (function(cfg, args), function adding the command's own arguments or None, description)
 COMMANDS = {
-    "train": (command_train, None, "Train a Search-R1 agent with GRPO (the default command)."),
+    "train": (command_train, None, "Train a Search-R1 agent with GRPO, or PPO with --algo ppo (the default command)."),
     "serve": (command_serve, serve_arguments, "Serve the BM25 index of --corpus over HTTP with Search-R1's "
                                               "retrieval API (POST /retrieve); --topk is the default top-k."),
+    "eval": (command_eval, eval_arguments, "Exact match of direct answers, RAG and Search-R1 on QA benchmarks, "
+                                           "greedy: the paper's table in --out-dir/results.md, every prediction "
+                                           "in --out-dir/<method>/<dataset>.json. A rerun reuses finished cells."),
+    "ask": (command_ask, ask_arguments, "Ask the agent questions; prints its reasoning, searches, the titles "
+                                        "found and its answer as they come."),
 }
 
 

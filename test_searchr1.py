@@ -181,6 +181,22 @@ def test_token_logprobs_of_a_padded_batch_equal_each_sequence_alone():
             assert torch.allclose(batched[i, : len(r)], expected, atol=1e-5)
 
 
+def test_chunked_logprobs_give_the_same_values_and_gradients_as_one_chunk():
+    model = tiny_qwen2()
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, 128, (2, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    results = []
+    for chunk in (3, 1000):
+        model.zero_grad()
+        logp = token_logprobs(model, input_ids, attention_mask, response_start=4, chunk=chunk)  # (2, 8)
+        (logp * torch.linspace(-1, 1, 8)).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (chunked, chunked_grads), (whole, whole_grads) = results
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked_grads, whole_grads))
+
+
 # ============================================================================ searchr1.py: training
 import functools
 import json

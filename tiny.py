@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from eval import write_atomic
 from retriever import BM25Index, format_passages
 from rollout import INVALID_ACTION, PROMPT_TEMPLATE, build_prompt, observation
 
@@ -73,7 +74,8 @@ class TinyTask:
     entities: int = 400            # x 3 attributes = 1,200 facts, one passage each
     held_out: int = 200            # facts asked only in evaluation (at most one per entity)
     search_share: float = 0.4      # warm-up trajectories that search; the rest guess (greedy: guess)
-    warmup_steps: int = 1200       # supervised steps of warmup_batch trajectories
+    warmup_steps: int = 500        # supervised steps of warmup_batch trajectories, in all
+    short_steps: int = 300         # the first ones with the question alone as the prompt (warm_up)
     warmup_batch: int = 32
     warmup_lr: float = 1e-3        # AdamW; 3e-3 stalls at loss ~1 (notes/tiny-task.md)
     hidden: int = 128              # Qwen2 width; 4 heads, 2 KV heads, MLP 3 x hidden
@@ -118,11 +120,7 @@ def make_knowledge_base(task: TinyTask) -> tuple[list[dict], list[dict], list[di
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Atomic: the file appears complete or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -177,10 +175,12 @@ def tiny_qwen2(tokenizer, task: TinyTask):
 
 
 # ----------------------------------------------------------------------------- warm-up
-def warmup_example(q: dict, tokenizer, search, rng: random.Random, task: TinyTask) -> tuple[list, list, list]:
+def warmup_example(q: dict, tokenizer, search, rng: random.Random, task: TinyTask,
+                   full_prompt: bool = True) -> tuple[list, list, list]:
     """One scripted trajectory: (prompt_ids, response_ids, loss_mask), laid out as rollout() lays
     out a sampled one. With probability search_share it searches the right query and reads the
     answer out of the passage; otherwise it guesses a value of the right attribute at random.
+    full_prompt False: the prompt is the question alone, without SPEC's instructions.
     """
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
     if rng.random() < task.search_share:
@@ -191,7 +191,9 @@ def warmup_example(q: dict, tokenizer, search, rng: random.Random, task: TinyTas
     else:
         response = encode(GUESS.format(**q, value=rng.choice(VALUES[q["attribute"]])))
         loss_mask = [1] * len(response)
-    return build_prompt(q["question"], tokenizer, False), response, loss_mask
+    prompt = (build_prompt(q["question"], tokenizer, False) if full_prompt
+              else tokenizer(q["question"] + "\n")["input_ids"])
+    return prompt, response, loss_mask
 
 
 def warmup_loss(model, batch: list[tuple[list, list, list]], pad_id: int) -> torch.Tensor:
@@ -225,16 +227,26 @@ def warmup_loss(model, batch: list[tuple[list, list, list]], pad_id: int) -> tor
 
 
 def warm_up(model, tokenizer, questions: list[dict], search, task: TinyTask) -> list[float]:
-    """Supervised warm-up on scripted trajectories of `questions`. Returns the loss per step."""
+    """Supervised warm-up on scripted trajectories of `questions`. Returns the loss per step.
+
+    A curriculum, as pretraining runs often start on short sequences: for the first short_steps
+    the prompt is the question alone. What the model must learn first is to copy a name from the
+    question into its query and a value from the passage into its answer; attention finds the
+    one token to copy ~2x sooner among 20 tokens than among SPEC's 120 (measured: the loss leaves
+    its plateau at ~0.7 after ~300 steps instead of 600+). The remaining steps use the real
+    prompt, the one the rollout will use.
+    """
     rng = random.Random(task.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=task.warmup_lr, weight_decay=0.0)
     model.train()
     losses = []
-    for _ in (bar := tqdm(range(task.warmup_steps), desc="warm-up")):
-        batch = [warmup_example(q, tokenizer, search, rng, task)
+    for step in (bar := tqdm(range(task.warmup_steps), desc="warm-up")):
+        full_prompt = step >= task.short_steps
+        batch = [warmup_example(q, tokenizer, search, rng, task, full_prompt)
                  for q in rng.sample(questions, task.warmup_batch)]
         loss = warmup_loss(model, batch, tokenizer.pad_token_id)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
