@@ -25,8 +25,10 @@ splits it into title and text as the in-process index does (`split_contents`), s
 makes the same observation, to the character, whichever side of the socket the passages came from.
 
 Where this departs from Search-R1:
-- The server is the standard library's threaded HTTP server, not FastAPI + uvicorn: no dependency,
-  and `python bench.py serve` measures what HTTP costs beside in-process search.
+- The server is the standard library's threaded HTTP server, not FastAPI + uvicorn: no dependency.
+  What HTTP adds to a batch of 256 queries (`python bench.py serve`) is mostly JSON -- 641 kB, 4-8 ms
+  of CPU to encode and decode beside a ~31 ms search -- which a framework would not make cheaper,
+  plus a few ms of sockets and thread wake-ups.
 - Limits that Search-R1's server does not have: topk <= 100, 4,096 queries and 4 MiB a request;
   topk 0 is an error here (Search-R1 reads it as "the default").
 - Search-R1's client posts once and trusts the answer. `RemoteIndex` has a timeout, retries with
@@ -36,10 +38,9 @@ Where this departs from Search-R1:
 import http.client
 import http.server
 import json
+import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
@@ -50,6 +51,7 @@ DEFAULT_TOPK = 3  # Search-R1's servers are started with --topk 3
 MAX_TOPK = 100
 MAX_QUERIES = 4_096  # a GRPO turn sends batch x group queries at most (512 x 5 in the paper's run)
 MAX_BODY_BYTES = 4 * 2**20  # 4,096 queries of ~1,000 characters
+KEEP_ALIVE_S = 1.0  # the client reuses a connection idle for less; servers close idle ones (uvicorn: 5 s)
 
 
 # ----------------------------------------------------------------------------- the server
@@ -218,9 +220,13 @@ class RemoteIndex:
     """
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 4, backoff_s: float = 1.0):
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise ValueError(f"the search URL must start with http:// or https://, got {url!r}")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"the search URL must look like http://host:port/retrieve, got {url!r}")
         self.url, self.timeout, self.retries, self.backoff_s = url, timeout, retries, backoff_s
+        self._host, self._path = parts.netloc, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._https = parts.scheme == "https"
+        self._kept = threading.local()  # per thread: (its open connection, when it last answered)
 
     def search(self, queries: list[str], k: int = 3) -> list[list[dict]]:
         """Per query, its top-k passages best first: {"id", "contents", "title", "text", "score"}."""
@@ -229,17 +235,38 @@ class RemoteIndex:
         if not queries:
             return []
         body = json.dumps({"queries": list(queries), "topk": k, "return_scores": True}).encode()
-        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
         for attempt in range(1, self.retries + 2):
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return parse_answer(json.loads(response.read()), len(queries))
-            except urllib.error.HTTPError as error:  # the server answered, with an error status
-                problem = f"HTTP {error.code}: {error.read()[:500].decode(errors='replace')}"
-                if error.code < 500:
-                    break
+                status, answer = self._post(body)
+                if status == 200:
+                    return parse_answer(json.loads(answer), len(queries))
+                problem = f"HTTP {status}: {answer[:500].decode(errors='replace')}"
+                if status < 500:
+                    break  # the request itself is wrong: asking again cannot help
             except (OSError, http.client.HTTPException, ValueError) as error:  # unreachable, dropped, garbage
                 problem = f"{type(error).__name__}: {error}"
             if attempt <= self.retries:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
         raise SearchUnavailable(f"search server {self.url} failed after {attempt} attempt(s): {problem}")
+
+    def _post(self, body: bytes) -> tuple[int, bytes]:
+        """POST body to the URL: (status, answer). A connection that answered less than KEEP_ALIVE_S
+        ago is used again: a new one costs the server a thread start, 1-3 ms of a 256-query batch."""
+        kept = getattr(self._kept, "connection", None)
+        if kept and time.monotonic() - kept[1] < KEEP_ALIVE_S:
+            connection = kept[0]
+        else:
+            if kept:
+                kept[0].close()
+            connection_class = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            connection = connection_class(self._host, timeout=self.timeout)
+        self._kept.connection = None
+        try:
+            connection.request("POST", self._path, body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = response.read()
+        except BaseException:
+            connection.close()
+            raise
+        self._kept.connection = (connection, time.monotonic())
+        return response.status, answer

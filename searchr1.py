@@ -161,7 +161,7 @@ def pick_device(cfg: Config) -> torch.device:
 
 def load_policy(cfg: Config, device: torch.device):
     """The tokenizer and the trainable policy: (4-bit) base + LoRA adapter, on `device`."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     path = resolve_model(cfg.model)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,12 +1,55 @@
-"""searchr1's tests: small, seeded, offline, each named for the behaviour it proves."""
+"""searchr1's tests: small, seeded, offline, each named for the behaviour it proves.
+
+Sections follow the chapters: eval.py, grpo.py, searchr1.py training, retriever.py, rollout.py,
+ppo.py, the eval/ask commands, search_api.py, bench.py gpu --tiny, tiny.py."""
+
+import functools
+import gzip
+import http.client
+import http.server
+import io
+import json
 import math
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from itertools import groupby
+from pathlib import Path
 
+import numpy as np
 import pytest
+import tantivy
 import torch
+from rank_bm25 import BM25Okapi
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from eval import (DataError, exact_match, extract_answer, load_qa, normalize_answer,
-                  read_qa_file, sub_exact_match, token_f1)
+import bench
+import search_api
+import searchr1
+from eval import (DataError, exact_match, extract_answer, load_qa, normalize_answer, read_qa_file,
+    sub_exact_match, token_f1)
 from grpo import clipped_policy_loss, group_advantages, grpo_loss, low_var_kl, token_logprobs
+from ppo import actor_loss, critic_loss, gae, token_rewards, whiten
+from retriever import (BM25Index, CorpusError, default_index_dir, FINGERPRINT_FILE, format_passages,
+    read_corpus, split_contents, tokenize)
+from rollout import (_sample, build_prompt, INVALID_ACTION, rollout, RolloutConfig)
+from search_api import MAX_BODY_BYTES, MAX_QUERIES, RemoteIndex, SearchServer, SearchUnavailable
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT.parent / "shared" / "data"  # real files for offline tests; absent in a clone outside this setup
+QWEN_TOKENIZER = DATA / "qwen2.5-tokenizer"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (real wiki-18 and NQ files) is absent")
+needs_qwen_tokenizer = pytest.mark.skipif(not QWEN_TOKENIZER.exists(), reason=f"{QWEN_TOKENIZER} is absent")
+# The models here are tiny: with 2 threads, thread hand-offs cost more than they save (10-20x slower
+# small ops measured on a busy 2-core machine), so the tests use one.
+torch.set_num_threads(1)
 
 
 # ============================================================================ eval.py
@@ -197,19 +240,6 @@ def test_chunked_logprobs_give_the_same_values_and_gradients_as_one_chunk():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked_grads, whole_grads))
 
 
-# ============================================================================ searchr1.py: training
-import functools
-import json
-from pathlib import Path
-
-import searchr1
-from rollout import rollout as real_rollout
-
-QWEN_TOKENIZER = Path(__file__).resolve().parent.parent / "shared" / "data" / "qwen2.5-tokenizer"
-needs_qwen_tokenizer = pytest.mark.skipif(not QWEN_TOKENIZER.exists(),
-                                          reason="../shared/data/qwen2.5-tokenizer is absent")
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random Qwen2 with the real Qwen2.5 tokenizer, saved like a hub checkpoint."""
@@ -234,7 +264,7 @@ def answer_every_other(tokenizer):
 
 def steered(monkeypatch, tokenizer):
     monkeypatch.setattr(searchr1, "rollout",
-                        functools.partial(real_rollout, logits_hook=answer_every_other(tokenizer)))
+                        functools.partial(rollout, logits_hook=answer_every_other(tokenizer)))
 
 
 def write_task(folder: Path, n_questions=8):
@@ -319,7 +349,7 @@ def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(tiny_model
     with pytest.raises(RuntimeError, match="killed"):
         searchr1.train(crashed)
     monkeypatch.setattr(searchr1, "train_step", real_step)
-    searchr1.train(dataclasses_replace(crashed, resume=True))
+    searchr1.train(replace(crashed, resume=True))
 
     rows = [json.loads(line) for line in (Path(straight.out_dir) / "metrics.jsonl").open()]
     resumed = [json.loads(line) for line in (Path(crashed.out_dir) / "metrics.jsonl").open()]
@@ -333,4 +363,1341 @@ def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(tiny_model
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-from dataclasses import replace as dataclasses_replace
+# ============================================================================ retriever.py
+ROWS = [  # Search-R1's format: the title line keeps its quotes, as in wiki-18
+    {"id": "0", "contents": '"Apple"\nThe apple is a fruit of the apple tree.'},
+    {"id": "1", "contents": '"Banana"\nA banana is an elongated, edible fruit.\nIt grows in clusters.'},
+    {"id": "2", "contents": '"Cherry"\nThe cherry is a fleshy drupe; cherries are red.'},
+    {"id": "3", "contents": '"Paris"\nParis is the capital of France.'},
+    {"id": "4", "contents": '"Apple Inc."\nApple designs phones in Cupertino.'},
+]
+
+
+def write_jsonl(path: Path, rows: list, compress: bool = False) -> Path:
+    text = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+    path.write_bytes(gzip.compress(text.encode()) if compress else text.encode())
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """Default index folders go under tmp_path, never under ~/.cache."""
+    monkeypatch.setenv("SEARCHR1_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "corpus.jsonl", ROWS)
+
+
+@pytest.fixture(scope="module")
+def wiki_index(tmp_path_factory) -> BM25Index:
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} (real wiki-18 and NQ files) is absent")
+    return BM25Index.open(DATA / "wiki18-sample-1000.jsonl", tmp_path_factory.mktemp("wiki"))
+
+
+def test_both_row_formats_plain_and_gzip_read_the_same_passages(tmp_path):
+    title_text_rows = [{"id": int(row["id"]), "title": row["contents"].split("\n")[0].strip('"'),
+                        "text": row["contents"].split("\n", 1)[1]} for row in ROWS]
+    readings = [list(read_corpus(write_jsonl(tmp_path / name, rows + [""], compress=name.endswith(".gz"))))
+                for name, rows in [("a.jsonl", ROWS), ("a.jsonl.gz", ROWS),
+                                   ("b.jsonl", title_text_rows), ("b.jsonl.gz", title_text_rows)]]
+    assert readings[0] == [{"id": row["id"], "contents": row["contents"]} for row in ROWS]
+    assert readings[1] == readings[2] == readings[3] == readings[0]
+
+
+@pytest.mark.parametrize("bad_row, field", [
+    ('{"id": "9", "contents": "unterminated', "invalid JSON"),
+    ('{"id": "9", "text": "a title is missing"}', "contents"),
+    ('{"contents": "\\"T\\"\\nno id"}', "id"),
+    ('{"id": ["9"], "contents": "x"}', "id"),
+    ('{"id": "9", "contents": 42}', "contents"),
+    ('["9", "not an object"]', "JSON object"),
+])
+def test_a_malformed_line_names_the_file_line_and_field(tmp_path, bad_row, field):
+    path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], "", bad_row, ROWS[1]])  # bad row on line 3
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: ") + f".*{field}"):
+        list(read_corpus(path))
+
+
+def test_an_empty_corpus_is_a_clear_error(tmp_path, cache):
+    path = write_jsonl(tmp_path / "empty.jsonl", ["", "   "])
+    with pytest.raises(CorpusError, match=f"{path}: the corpus has no passages"):
+        BM25Index.open(path)
+    assert not default_index_dir(path).exists()
+
+
+def test_split_contents_keeps_the_title_line_as_is_and_joins_the_rest():
+    assert split_contents('"Banana"\nA banana.\nIt grows.') == ('"Banana"', "A banana.\nIt grows.")
+    assert split_contents("No newline") == ("No newline", "")
+
+
+def test_tokenizer_splits_on_non_alphanumerics_lowercases_and_drops_stopwords():
+    assert tokenize("The U.S. Army's F-16, in 1990!") == ["u", "s", "army", "s", "f", "16", "1990"]
+    assert tokenize("the of AND a") == []
+
+
+def test_indexed_tokens_are_exactly_what_tokenize_returns(corpus, tmp_path):
+    index = BM25Index.open(corpus, tmp_path / "index")
+    # read the term dictionary straight from the files on disk: term -> passages holding it
+    indexed = dict(tantivy.Index.open(str(index.index_dir)).searcher().terms_with_prefix("contents", ""))
+    expected = Counter(term for row in ROWS for term in set(tokenize(row["contents"])))
+    assert indexed == dict(expected)
+
+
+def test_the_second_open_loads_the_cached_index_without_rebuilding(corpus, cache):
+    first = BM25Index.open(corpus)
+    assert first.index_dir == default_index_dir(corpus) and first.index_dir.is_relative_to(cache)
+    folder_inode = first.index_dir.stat().st_ino  # a build renames a fresh folder into place
+    fingerprint = json.loads((first.index_dir / FINGERPRINT_FILE).read_text())
+    assert fingerprint["passages"] == len(first) == len(ROWS)
+    second = BM25Index.open(corpus)
+    assert second.index_dir.stat().st_ino == folder_inode
+    assert second.search(["cherries"])[0][0]["id"] == "2"
+    assert BM25Index.open(corpus, rebuild=True).index_dir.stat().st_ino != folder_inode
+
+
+def test_a_changed_corpus_rebuilds_and_finds_the_new_passage(corpus, cache):
+    old = BM25Index.open(corpus)
+    folder_inode = old.index_dir.stat().st_ino
+    assert old.search(["zanzibar"]) == [[]]
+    write_jsonl(corpus, ROWS + [{"id": "5", "contents": '"Zanzibar"\nAn archipelago.'}])
+    new = BM25Index.open(corpus)
+    assert new.index_dir.stat().st_ino != folder_inode
+    assert len(new) == len(ROWS) + 1
+    assert [hit["id"] for hit in new.search(["zanzibar"])[0]] == ["5"]
+
+
+def test_an_unfinished_build_never_loads(corpus, tmp_path):
+    index_dir = tmp_path / "index"
+    # a build that stops half-way (here: at a bad line) leaves no index folder behind
+    broken = write_jsonl(tmp_path / "broken.jsonl", ROWS + ["{not json"])
+    with pytest.raises(CorpusError):
+        BM25Index.open(broken, index_dir)
+    assert not index_dir.exists() and index_dir.with_name("index.partial").exists()
+    # the next build clears the leftover partial folder
+    BM25Index.open(corpus, index_dir)
+    assert not index_dir.with_name("index.partial").exists()
+    # a folder whose fingerprint was never written is rebuilt, not loaded
+    folder_inode = index_dir.stat().st_ino
+    (index_dir / FINGERPRINT_FILE).unlink()
+    index = BM25Index.open(corpus, index_dir)
+    assert index_dir.stat().st_ino != folder_inode and (index_dir / FINGERPRINT_FILE).exists()
+    assert index.search(["paris"])[0][0]["id"] == "3"
+
+
+def test_a_folder_that_is_not_an_index_is_never_replaced(corpus, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="refusing"):
+        BM25Index.open(corpus, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_search_returns_one_ranked_list_per_query_in_query_order(corpus, tmp_path):
+    index = BM25Index.open(corpus, tmp_path / "index")
+    results = index.search(["capital of France", "edible banana", "red cherries", "apple"], k=3)
+    assert [hits[0]["id"] for hits in results] == ["3", "1", "2", "0"]
+    apple = results[3]
+    assert [hit["id"] for hit in apple] == ["0", "4"]  # only the passages holding "apple"
+    assert apple[0]["score"] > apple[1]["score"] > 0
+    banana = results[1][0]
+    assert banana["contents"] == ROWS[1]["contents"]
+    assert banana["title"] == '"Banana"'
+    assert banana["text"] == "A banana is an elongated, edible fruit.\nIt grows in clusters."
+
+
+def test_empty_and_stopword_only_queries_return_no_hits(corpus, tmp_path):
+    index = BM25Index.open(corpus, tmp_path / "index")
+    results = index.search(["", "   ", "the of and", "?!", 'paris AND "capital":'])
+    assert results[:4] == [[], [], [], []]
+    assert results[4][0]["id"] == "3"  # query-language syntax is plain text here
+
+
+def test_k_larger_than_the_corpus_returns_every_matching_passage(corpus, tmp_path):
+    index = BM25Index.open(corpus, tmp_path / "index")
+    assert sorted(hit["id"] for hit in index.search(["fruit apple"], k=1000)[0]) == ["0", "1", "4"]
+    assert len(index.search(["fruit apple"], k=1)[0]) == 1
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        index.search(["apple"], k=0)
+    with pytest.raises(TypeError):
+        index.search("apple")
+
+
+@needs_data
+def test_format_passages_is_spec_section_3_on_real_wiki18_passages(wiki_index):
+    raw = {row["id"]: row for row in map(json.loads, (DATA / "wiki18-sample-1000.jsonl").open())}
+    hits = wiki_index.search(["Evan Morris, lobbyist in Washington"], k=3)[0]
+    assert hits[0]["id"] == "0" and len(hits) == 3
+    expected = ""
+    for i, hit in enumerate(hits, start=1):
+        lines = raw[hit["id"]]["contents"].split("\n")
+        expected += f"Doc {i}(Title: {lines[0]}) {chr(10).join(lines[1:])}\n"
+    assert format_passages(hits) == expected.strip()
+    assert format_passages(hits).startswith('Doc 1(Title: "Evan Morris") Evan Morris Evan L. Morris')
+    assert format_passages([]) == ""
+
+
+class LuceneIdfBM25Okapi(BM25Okapi):
+    """rank-bm25's BM25Okapi with Lucene's idf, ln(1 + (N - n + 0.5) / (n + 0.5)).
+
+    BM25Okapi's own idf is ln((N - n + 0.5) / (n + 0.5)): negative for a term in more than half
+    of the passages, where it is replaced by 0.25 * the mean idf. Lucene's (and tantivy's) stays
+    positive. That is the one place where the two formulas differ besides k1.
+    """
+
+    def _calc_idf(self, nd):  # nd: term -> number of passages holding it
+        self.idf = {term: math.log(1 + (self.corpus_size - n + 0.5) / (n + 0.5)) for term, n in nd.items()}
+
+
+def test_top_k_equals_rank_bm25_okapi_on_the_same_tokens(tmp_path):
+    # The engine and BM25Okapi differ by construction in (a) idf (see LuceneIdfBM25Okapi), (b) k1
+    # (tantivy fixes 1.2; BM25Okapi defaults to 1.5) and (c) passage lengths, which tantivy keeps in
+    # one lossy byte (exact below 24 tokens). With Lucene's idf, k1 = 1.2, b = 0.75 and passages
+    # under 24 tokens, the two must rank identically, up to the order of equal scores.
+    rng = np.random.default_rng(0)
+    vocab = np.array([f"w{i}" for i in range(3000)])
+    zipf = 1.0 / np.arange(1, len(vocab) + 1)  # common words appear in over half the passages
+    passages = [" ".join(rng.choice(vocab, size=rng.integers(4, 23), p=zipf / zipf.sum()))
+                for _ in range(3000)]
+    corpus = [{"id": str(i), "contents": f'"{p.split()[0]}"\n{p}'} for i, p in enumerate(passages)]
+    tokens = [tokenize(row["contents"]) for row in corpus]
+    assert max(map(len, tokens)) < 24
+    reference = LuceneIdfBM25Okapi(tokens, k1=1.2, b=0.75)
+
+    index = BM25Index.open(write_jsonl(tmp_path / "c.jsonl", corpus), tmp_path / "index")
+    queries = [" ".join(rng.choice(tokens[i], size=min(3, len(tokens[i])), replace=False))
+               for i in rng.integers(0, len(corpus), size=60)]
+    k, exact = 10, 0
+    for query, hits in zip(queries, index.search(queries, k=k)):
+        ref = reference.get_scores(tokenize(query))  # (N,)
+        ref_top = np.sort(ref)[::-1][:k]
+        ours = np.array([int(hit["id"]) for hit in hits])
+        # our k passages have the reference's k best scores, and we score them as it does
+        np.testing.assert_allclose(ref[ours], ref_top, rtol=1e-5)
+        np.testing.assert_allclose([hit["score"] for hit in hits], ref[ours], rtol=1e-5)
+        exact += list(ours) == list(np.argsort(-ref, kind="stable")[:k])
+    assert exact >= len(queries) // 2  # most rankings have no ties and match id for id
+
+
+def length_to_byte(length: int) -> int:
+    """Lucene's SmallFloat.intToByte4, which tantivy uses to keep a passage length in one byte.
+
+    Lengths below 24 are stored as is. Above, rest = length - 24 is a tiny float: its 4 leading
+    bits (the first, always 1, implicit) and how far they were shifted.
+    """
+    if length < 24:
+        return length
+    rest = length - 24
+    if rest < 8:  # 3 bits or fewer: stored exactly
+        return 24 + rest
+    shift = rest.bit_length() - 4
+    return 24 + (((shift + 1) << 3) | ((rest >> shift) & 0b111))
+
+
+def byte_to_length(byte: int) -> int:
+    """Lucene's SmallFloat.byte4ToInt: the length BM25 sees. 100 -> 24 + 72 = 96."""
+    if byte < 24:
+        return byte
+    code = byte - 24
+    mantissa, shift = code & 0b111, (code >> 3) - 1
+    return 24 + (mantissa if shift < 0 else (mantissa | 0b1000) << shift)
+
+
+def test_one_byte_lengths_are_exact_up_to_40_then_rounded_down():
+    assert [byte_to_length(length_to_byte(n)) for n in (0, 23, 24, 40, 41, 100, 1000)] == \
+        [0, 23, 24, 40, 40, 96, 984]
+    assert max(length_to_byte(n) for n in range(100_000)) < 256
+
+
+@needs_data
+def test_top3_equals_lucene_bm25_written_in_numpy_on_real_wiki18_and_nq(wiki_index):
+    rows = [json.loads(line) for line in (DATA / "wiki18-sample-1000.jsonl").open()]
+    questions = [json.loads(line)["question"] for line in (DATA / "nq-test-17.jsonl").open()]
+    passages = [Counter(tokenize(row["contents"])) for row in rows]
+    length = np.array([sum(p.values()) for p in passages], dtype=float)  # (N,)
+    stored_length = np.array([byte_to_length(length_to_byte(int(n))) for n in length])  # (N,)
+    k1, b, avgdl, N = 1.2, 0.75, length.mean(), len(rows)  # avgdl from the exact lengths
+    for question, hits in zip(questions, wiki_index.search(questions, k=3)):
+        score = np.zeros(N)
+        for term in tokenize(question):
+            tf = np.array([p[term] for p in passages], dtype=float)  # (N,)
+            n = np.count_nonzero(tf)
+            idf = math.log(1 + (N - n + 0.5) / (n + 0.5))
+            score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * stored_length / avgdl))
+        top3 = np.argsort(-score, kind="stable")[:3]
+        assert [hit["id"] for hit in hits] == [rows[i]["id"] for i in top3], question
+        np.testing.assert_allclose([hit["score"] for hit in hits], score[top3], rtol=1e-5)
+
+
+# ============================================================================ rollout.py
+SPEC_PROMPT = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get new "
+    "information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
+    "query </search> and it will return the top searched results between <information> and </information>. You can "
+    "search as many times as your want. If you find no further external knowledge needed, you can directly provide "
+    "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
+    "</answer>. Question: {question}\n"
+)
+
+
+SPEC_INVALID = (
+    "\nMy previous action is invalid. If I want to search, I should put the query between <search> and </search>. "
+    "If I want to give the final answer, I should put the answer between <answer> and </answer>. Let me try again.\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    path = DATA / "qwen2.5-tokenizer"
+    if not path.exists():
+        pytest.skip(f"the Qwen2.5 tokenizer is not at {path} (only in the project's offline setup)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A 2-layer Qwen2 with random weights and Qwen2.5's vocabulary size, so every tokenizer id is valid."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.2)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def forcing(plans):
+    """A logits hook that forces plans[row][turn][step] (a token id; None lets the model choose)."""
+    def hook(logits, rows, turn, step):
+        for a, r in enumerate(rows.tolist()):
+            plan = plans[r][turn] if turn < len(plans[r]) else []
+            if step < len(plan) and plan[step] is not None:
+                logits[a] = float("-inf")
+                logits[a, plan[step]] = 0.0
+        return logits
+    return hook
+
+
+def recording_search(calls):
+    def search(queries):
+        calls.append(list(queries))
+        return [f"Doc 1(Title: {q}) all about {q}\n" for q in queries]
+    return search
+
+
+def prompts_for(tok, questions):
+    return [build_prompt(q, tok, chat=False) for q in questions]
+
+
+def test_build_prompt_base_text_is_spec_template_with_question_mark_rule(tok):
+    expected = SPEC_PROMPT.format(question="who wrote hamlet?")  # stripped, "?" appended
+    assert build_prompt("  who wrote hamlet ", tok, chat=False) == ids(tok, expected)
+    assert tok.decode(build_prompt("  who wrote hamlet ", tok, chat=False)) == expected
+    assert tok.decode(build_prompt("is it?", tok, chat=False)) == SPEC_PROMPT.format(question="is it?")
+
+
+def test_build_prompt_chat_puts_spec_text_in_user_turn_of_template(tok):
+    text = tok.decode(build_prompt("who wrote hamlet", tok, chat=True))
+    user = SPEC_PROMPT.format(question="who wrote hamlet?")
+    messages = [{"role": "user", "content": user}]
+    assert text == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert f"<|im_start|>user\n{user}<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_search_then_answer_gives_exact_tokens_text_and_loss_mask(tok, model):
+    turn0 = [ids(tok, f" <think> hm </think> <search> q{r} </search>") for r in range(4)]
+    turn1 = ids(tok, " <answer> y </answer>")
+    calls = []
+    cfg = RolloutConfig(max_turns=2, max_new_tokens=30, n_samples=2)
+    trajs = rollout(model, tok, prompts_for(tok, ["a b", "c"]), recording_search(calls), cfg,
+                    logits_hook=forcing([[turn0[r], turn1] for r in range(4)]))
+    assert calls == [["q0", "q1", "q2", "q3"]]  # one batched search call for the whole turn
+    for r, t in enumerate(trajs):
+        obs = f"\n\n<information>Doc 1(Title: q{r}) all about q{r}</information>\n\n"
+        assert t.prompt_ids == build_prompt(["a b", "c"][r // 2], tok, chat=False)  # prompt-major order
+        assert t.response_ids == turn0[r] + ids(tok, obs) + turn1
+        assert t.loss_mask == [1] * len(turn0[r]) + [0] * len(ids(tok, obs)) + [1] * len(turn1)
+        assert t.text == f" <think> hm </think> <search> q{r} </search>{obs} <answer> y </answer>"
+        assert (t.queries, t.n_searches, t.n_turns, t.answered) == ([f"q{r}"], 1, 2, True)
+        assert all(lp == 0.0 for lp, m in zip(t.logprobs, t.loss_mask) if m == 0)
+        assert all(lp < 0.0 for lp, m in zip(t.logprobs, t.loss_mask) if m == 1)
+
+
+def test_turn_without_action_gets_the_invalid_action_message(tok, model):
+    assert INVALID_ACTION == SPEC_INVALID
+    answer = ids(tok, " <answer> y </answer>")
+    rambling = (ids(tok, " I am not sure") * 2)[: len(answer)]
+    calls = []
+    cfg = RolloutConfig(max_turns=2, max_new_tokens=len(answer), n_samples=1)  # turn 0 ends on its budget
+    (t,) = rollout(model, tok, prompts_for(tok, ["q"]), recording_search(calls), cfg,
+                   logits_hook=forcing([[rambling, answer]]))
+    assert calls == []
+    assert t.response_ids == rambling + ids(tok, SPEC_INVALID) + answer
+    assert t.loss_mask == [1] * len(rambling) + [0] * len(ids(tok, SPEC_INVALID)) + [1] * len(answer)
+    assert (t.n_searches, t.n_turns, t.answered) == (0, 2, True)
+
+
+def test_eos_ends_the_turn_and_is_kept_as_a_sampled_token(tok, model):
+    eos = tok.eos_token_id
+    turn0 = ids(tok, " maybe") + [eos] + ids(tok, " never sampled")
+    answer = ids(tok, " <answer> y </answer>")
+    cfg = RolloutConfig(max_turns=2, max_new_tokens=20, n_samples=1)
+    (t,) = rollout(model, tok, prompts_for(tok, ["q"]), recording_search([]), cfg,
+                   logits_hook=forcing([[turn0, answer]]))
+    sampled0 = ids(tok, " maybe") + [eos]
+    assert t.response_ids == sampled0 + ids(tok, SPEC_INVALID) + answer  # no action before EOS: invalid
+    assert t.loss_mask[: len(sampled0)] == [1] * len(sampled0)
+    assert (t.n_turns, t.answered) == (2, True)
+
+
+@pytest.mark.parametrize("max_turns", [0, 1])
+def test_last_turn_after_max_turns_runs_no_search(tok, model, max_turns):
+    search_turn = ids(tok, " <search> x </search>")
+    calls = []
+    cfg = RolloutConfig(max_turns=max_turns, max_new_tokens=20, n_samples=1)
+    (t,) = rollout(model, tok, prompts_for(tok, ["q"]), recording_search(calls), cfg,
+                   logits_hook=forcing([[search_turn] * 5]))
+    obs = ids(tok, "\n\n<information>Doc 1(Title: x) all about x</information>\n\n")
+    assert calls == [["x"]] * max_turns
+    assert t.response_ids == (search_turn + obs) * max_turns + search_turn  # ends on the unexecuted search
+    assert (t.n_searches, t.n_turns, t.answered, t.queries) == (max_turns, max_turns + 1, False, ["x"] * max_turns)
+
+
+def test_stop_string_ending_inside_a_token_cuts_right_after_that_token(tok, model):
+    turn0 = ids(tok, "<search>query</search>\n") + ids(tok, " after the stop")
+    assert tok.decode(turn0[6]) == ">\n"  # Qwen: `</`, `search`, `>\n` — the stop ends inside the last token
+    cfg = RolloutConfig(max_turns=1, max_new_tokens=20, n_samples=1)
+    (t,) = rollout(model, tok, prompts_for(tok, ["q"]), recording_search([]), cfg,
+                   logits_hook=forcing([[turn0, ids(tok, " <answer> a </answer>")]]))
+    obs = ids(tok, "\n\n<information>Doc 1(Title: query) all about query</information>\n\n")
+    assert t.response_ids[:7] == turn0[:7] and t.response_ids[7 : 7 + len(obs)] == obs
+    assert t.queries == ["query"] and t.text.startswith("<search>query</search>\n\n\n<information>")
+
+
+def mixed_plans(tok, n_rows):
+    """Per row and turn: a few free tokens (their number varies), then a forced search or answer ending."""
+    search, answer = ids(tok, " <search> q </search>"), ids(tok, " <answer> a </answer>")
+    plans = []
+    for r in range(n_rows):
+        ends = [search, answer] if r % 3 == 0 else [search, search, answer]
+        if r % 3 == 2:
+            ends[0] = []  # runs to the turn budget: an invalid action
+        plans.append([[None] * ((r * 2 + t * 3) % 5 + 1) + end for t, end in enumerate(ends)])
+    return plans
+
+
+def test_logprobs_equal_a_fresh_full_forward_pass(tok, model):
+    prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth", "when did it happen"])
+    cfg = RolloutConfig(max_turns=2, max_new_tokens=14, max_obs_tokens=40, temperature=0.8, n_samples=2)
+    trajs = rollout(model, tok, prompts, recording_search([]), cfg, logits_hook=forcing(mixed_plans(tok, 6)),
+                    generator=torch.Generator().manual_seed(0))
+    assert len({t.n_turns for t in trajs}) > 1 and len({len(t.response_ids) for t in trajs}) == 6
+    for t in trajs:
+        seq = torch.tensor([t.prompt_ids + t.response_ids])
+        with torch.no_grad():  # the logits that predict each response token
+            logits = model(seq, logits_to_keep=len(t.response_ids) + 1).logits[0, :-1].float()
+        full = torch.log_softmax(logits / cfg.temperature, dim=-1).gather(1, seq[0, len(t.prompt_ids) :, None])[:, 0]
+        sampled = torch.tensor(t.loss_mask, dtype=torch.bool)
+        torch.testing.assert_close(torch.tensor(t.logprobs)[sampled], full[sampled], atol=1e-4, rtol=0)
+        assert all(lp == 0.0 for lp in torch.tensor(t.logprobs)[~sampled].tolist())
+
+
+def test_greedy_batch_equals_each_prompt_rolled_out_alone(tok, model):
+    prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth", "when did it happen", "why"])
+    plans = mixed_plans(tok, 4)
+    cfg = RolloutConfig(max_turns=2, max_new_tokens=12, max_obs_tokens=30, temperature=0.0, n_samples=1)
+    batch = rollout(model, tok, prompts, recording_search([]), cfg, logits_hook=forcing(plans))
+    for p, plan, together in zip(prompts, plans, batch):
+        (alone,) = rollout(model, tok, [p], recording_search([]), cfg, logits_hook=forcing([plan]))
+        assert alone.response_ids == together.response_ids
+        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(together.logprobs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.6)])
+def test_sampling_follows_softmax_at_temperature_within_the_nucleus(temperature, top_p):
+    torch.manual_seed(0)
+    logits, draws = torch.randn(3, 12) * 2, 20000
+    many = logits.repeat(draws, 1)  # (3 * draws, 12)
+    cfg = RolloutConfig(temperature=temperature, top_p=top_p)
+    tokens, logp = _sample(many, cfg, torch.Generator().manual_seed(0), None)
+    freq = torch.zeros(3, 12).scatter_add_(1, tokens.view(draws, 3).t(), torch.ones(3, draws)) / draws
+    p = torch.softmax(logits / temperature, dim=-1)
+    p_sorted, order = p.sort(dim=-1, descending=True)
+    in_nucleus = torch.zeros_like(p).scatter(1, order, (p_sorted.cumsum(-1) - p_sorted <= top_p).float())
+    expected = p * in_nucleus / (p * in_nucleus).sum(-1, keepdim=True)
+    assert (freq - expected).abs().max() < 0.015
+    # the log-prob recorded is under softmax(logits / T) itself, nucleus or not
+    torch.testing.assert_close(logp, torch.log_softmax(many / temperature, -1).gather(1, tokens[:, None])[:, 0])
+
+
+def test_tiny_top_p_samples_the_most_likely_token(tok, model):
+    prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth"])
+    greedy = rollout(model, tok, prompts, recording_search([]),
+                     RolloutConfig(max_turns=1, max_new_tokens=6, temperature=0.0, n_samples=1))
+    nucleus = rollout(model, tok, prompts, recording_search([]),
+                      RolloutConfig(max_turns=1, max_new_tokens=6, top_p=1e-6, n_samples=1))
+    assert [t.response_ids for t in nucleus] == [t.response_ids for t in greedy]
+
+
+def test_turn_and_token_budgets_hold_and_observations_are_truncated(tok, model):
+    cfg = RolloutConfig(max_turns=2, max_new_tokens=9, max_obs_tokens=11, temperature=1.0, n_samples=3)
+    search = ids(tok, " <search> x </search>")
+    plans = [[search if (r + t) % 2 else [] for t in range(3)] for r in range(6)]  # searches and free sampling
+    long_passages = lambda qs: ["Doc 1(Title: x) " + "many words " * 200 for _ in qs]  # noqa: E731
+    trajs = rollout(model, tok, prompts_for(tok, ["a", "b c d"]), long_passages, cfg, logits_hook=forcing(plans),
+                    generator=torch.Generator().manual_seed(1))
+    full_obs = {"search": ids(tok, "\n\n<information>" + long_passages(["x"])[0].strip() + "</information>\n\n"),
+                "invalid": ids(tok, SPEC_INVALID)}
+    assert all(len(obs) > cfg.max_obs_tokens for obs in full_obs.values())
+    assert all(t.n_searches == 1 and t.n_turns == 3 for t in trajs)  # one search each; free turns hit the budget
+    for t in trajs:
+        # alternating runs of sampled (1) and observation (0) tokens
+        runs = [(m, [y for _, y in run]) for m, run in groupby(zip(t.loss_mask, t.response_ids), key=lambda p: p[0])]
+        assert t.n_turns <= cfg.max_turns + 1 and [m for m, _ in runs].count(1) == t.n_turns
+        assert all(len(run) <= cfg.max_new_tokens for m, run in runs if m == 1)
+        assert all(run in (obs[: cfg.max_obs_tokens] for obs in full_obs.values()) for m, run in runs if m == 0)
+        assert len(t.response_ids) <= (cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens
+
+
+def test_bench_rollout_runs_and_both_ways_sample_the_same_tokens(tok, capsys):
+    results = bench.main(["rollout", "--trajectories", "3", "--tokens-per-turn", "12", "--obs-tokens", "10",
+                          "--prompt-tokens", "5", "--hidden", "64", "--layers", "1", "--tokenizer", str(QWEN_TOKENIZER)])
+    assert [r["lengths"] for r in results] == ["equal", "varied"] and all(r["same_tokens"] for r in results)
+    assert results[0]["sampled_tokens"] == 3 * 3 * 12 and results[1]["sampled_tokens"] < 3 * 3 * 12
+    assert "| equal | 108 |" in capsys.readouterr().out
+
+
+# ============================================================================ ppo.py
+def test_gae_with_gamma_and_lambda_one_is_return_minus_value():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.2, 0.5, 0.7]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3))
+    assert advantages[0].tolist() == pytest.approx([0.8, 0.5, 0.3])  # G_t = 1 at every t; A = G - V
+    assert returns[0].tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_gae_with_discount_matches_the_hand_computed_recursion():
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[1.0, 2.0, 3.0]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=0.5, lam=0.5)
+    # delta_2 = 2 - 3 = -1;  delta_1 = 0 + 0.5*3 - 2 = -0.5;  delta_0 = 1 + 0.5*2 - 1 = 1
+    # A_2 = -1;  A_1 = -0.5 + 0.25*(-1) = -0.75;  A_0 = 1 + 0.25*(-0.75) = 0.8125
+    assert advantages[0].tolist() == pytest.approx([0.8125, -0.75, -1.0])
+    assert returns[0].tolist() == pytest.approx([1.8125, 1.25, 2.0])
+
+
+def test_gae_skips_observation_tokens_and_bootstraps_across_them():
+    rewards = torch.tensor([[0.0, 7.0, 1.0]])   # the 7 sits on an observation token
+    values = torch.tensor([[0.2, 9.0, 0.6]])
+    advantages, _ = gae(rewards, values, torch.tensor([[1.0, 0.0, 1.0]]), gamma=0.5)
+    alone, _ = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.2, 0.6]]), torch.ones(1, 2), gamma=0.5)
+    assert advantages[0, [0, 2]].tolist() == pytest.approx(alone[0].tolist())  # as if the block were absent
+    assert advantages[0, 1] == 0.0
+
+
+def test_whitening_uses_only_masked_positions():
+    x = torch.tensor([[1.0, 1e6, 2.0], [3.0, -1e6, -1e6]])
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    white = whiten(x, mask)
+    kept = torch.tensor([1.0, 2.0, 3.0])
+    expected = (kept - kept.mean()) / kept.std()
+    assert white[mask.bool()].tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    assert torch.all(white[~mask.bool()] == 0)
+
+
+def test_token_rewards_put_the_outcome_on_the_last_sampled_token_and_the_kl_on_every_one():
+    old = torch.tensor([[-1.0, -2.0, -3.0, -4.0]])
+    ref = torch.tensor([[-1.5, -2.0, -9.0, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]])  # position 2 is an observation
+    r = token_rewards(torch.tensor([1.0]), old, ref, mask, kl_coef=0.1)
+    # r_t = -beta (log pi_old - log pi_ref), + 1 on the last sampled token
+    assert r[0].tolist() == pytest.approx([-0.05, 0.0, 0.0, 1.1])
+
+
+def test_value_clipping_binds_on_both_sides():
+    old = torch.zeros(3)
+    values = torch.tensor([1.0, -1.0, 1.0], requires_grad=True)
+    returns = torch.tensor([2.0, -2.0, 0.0])
+    loss, stats = critic_loss(values, old, returns, torch.ones(3), n_tokens=1, value_clip=0.5)
+    # V_clip = 0.5, -0.5, 0.5: errors (1 vs 2.25), (1 vs 2.25), (1 vs 0.25) -> the max of each
+    assert loss.item() == pytest.approx(0.5 * (2.25 + 2.25 + 1.0))
+    assert stats["value_clip_frac"] == 2.0
+    loss.backward()
+    # where the clipped branch is the max, V gets no gradient; elsewhere d/dV 1/2 (V - G)^2 = V - G
+    assert values.grad.tolist() == pytest.approx([0.0, 0.0, 1.0])
+
+
+def _ppo_losses(logp, values, old_logp, ref_logp, old_values, mask, outcome):
+    """The tensor half of ppo_update: token rewards -> GAE -> whitening -> actor and critic losses."""
+    rewards = token_rewards(outcome, old_logp, ref_logp, mask)
+    advantages, returns = gae(rewards, old_values, mask, gamma=0.9, lam=0.8)
+    advantages = whiten(advantages, mask)
+    n = mask.sum()
+    return actor_loss(logp, old_logp, advantages, mask, n)[0] + critic_loss(values, old_values, returns, mask, n)[0]
+
+
+def test_observation_tokens_change_neither_the_actor_nor_the_critic_gradient():
+    g = torch.Generator().manual_seed(0)
+    B, R = 3, 7
+    mask = (torch.rand(B, R, generator=g) > 0.3).float()
+    mask[:, 0] = 1
+    logp = (-torch.rand(B, R, generator=g) * 3).requires_grad_()
+    values = torch.randn(B, R, generator=g).requires_grad_()
+    old_logp = logp.detach() + 0.1 * torch.randn(B, R, generator=g)
+    ref_logp = logp.detach() + 0.1 * torch.randn(B, R, generator=g)
+    old_values = values.detach() + 0.1 * torch.randn(B, R, generator=g)
+    outcome = torch.tensor([1.0, 0.0, 1.0])
+    grads = []
+    for junk in (0.0, 1e4):  # what the observation positions hold: must not matter
+        poison = lambda x: torch.where(mask.bool(), x, torch.full_like(x, junk))
+        loss = _ppo_losses(logp, values, poison(old_logp), poison(ref_logp), poison(old_values), mask, outcome)
+        grads.append(torch.autograd.grad(loss, (logp, values)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+        assert torch.all(a[mask == 0] == 0) and torch.any(a[mask == 1] != 0)
+
+
+# ============================================================================ a PPO step on a 4-bit base
+def ppo_config(model_dir, folder, **overrides):
+    return tiny_config(model_dir, folder, algo="ppo", batch_size=2, micro_batch_size=1, critic_lr=1e-2,
+                       **overrides)
+
+
+@needs_qwen_tokenizer
+def test_a_ppo_step_changes_only_the_two_adapters_and_the_value_head(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = ppo_config(tiny_model_dir, tmp_path)
+    assert cfg.group_size == 1  # forced by --algo ppo
+    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    steered(monkeypatch, tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(searchr1.param_groups(model, cfg.lr, cfg.critic_lr))
+    questions = searchr1.load_qa(cfg.train_data)[:2]
+    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+    stats = searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
+    assert stats["reward"] == 0.5  # rows answer y, z
+    for key in ("value_loss", "explained_variance", "value_clip_frac", "policy_loss", "kl"):
+        assert key in stats and stats[key] == stats[key], key  # present and not nan
+    changed = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
+    assert any("lora_B.default" in k for k in changed)
+    assert any("lora_B.critic" in k for k in changed)
+    assert {"value_head.weight", "value_head.bias"} <= changed
+    assert all("lora_" in k or k.startswith("value_head.") for k in changed)  # the 4-bit base is untouched
+    assert model.active_adapter == "default"  # the next rollout samples from the policy
+
+
+@needs_qwen_tokenizer
+def test_resumed_ppo_run_takes_the_same_next_step_as_an_uninterrupted_one(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+    steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
+    straight = ppo_config(tiny_model_dir, tmp_path / "straight")
+    searchr1.train(straight)
+
+    crashed = ppo_config(tiny_model_dir, tmp_path / "crashed")
+    real_step = searchr1.train_step
+    calls = []
+    def crash_on_second_step(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_step(*args)
+    monkeypatch.setattr(searchr1, "train_step", crash_on_second_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        searchr1.train(crashed)
+    monkeypatch.setattr(searchr1, "train_step", real_step)
+    searchr1.train(replace(crashed, resume=True))
+
+    rows = [json.loads(line) for line in (Path(straight.out_dir) / "metrics.jsonl").open()]
+    resumed = [json.loads(line) for line in (Path(crashed.out_dir) / "metrics.jsonl").open()]
+    assert [r["step"] for r in resumed] == [1, 2]
+    for key in ("reward", "policy_loss", "value_loss", "explained_variance", "value_clip_frac", "kl", "grad_norm"):
+        assert resumed[1][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-9), key
+    assert rows[1]["kl"] > 0  # the second step really starts from the restored actor
+    from safetensors.torch import load_file
+    for name in ("adapter_model.safetensors", "critic/adapter_model.safetensors", "value_head.safetensors"):
+        a = load_file(Path(straight.out_dir) / "checkpoints" / "step-000002" / name)
+        b = load_file(Path(crashed.out_dir) / "checkpoints" / "step-000002" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+
+
+# ============================================================================ searchr1.py eval and ask
+# The prompts README documents, written out in full
+SEARCH_R1 = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get new "
+    "information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
+    "query </search> and it will return the top searched results between <information> and </information>. You can "
+    "search as many times as your want. If you find no further external knowledge needed, you can directly provide "
+    "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
+    "</answer>. Question: {question}\n")
+
+
+DIRECT = ("Answer the given question. Provide the answer inside <answer> and </answer>, without detailed "
+          "illustrations. For example, <answer> Beijing </answer>. Question: {question}\n")
+
+
+RAG = ("Answer the given question using the documents below. Provide the answer inside <answer> and </answer>, "
+       "without detailed illustrations. For example, <answer> Beijing </answer>.\n"
+       "Documents:\n{passages}\nQuestion: {question}\n")
+
+
+def steer(monkeypatch, steering, seen=None):
+    """searchr1.rollout with `steering` applied to the logits before any hook of the caller's (ask
+    prints through one); `seen` collects (decoded prompts, max_turns) of every call."""
+    def steered_rollout(model, tokenizer, prompts, search, cfg, logits_hook=None, **kwargs):
+        if seen is not None:
+            seen.append(([tokenizer.decode(p) for p in prompts], cfg.max_turns))
+        def hook(logits, rows, turn, step):
+            logits = steering(logits, rows, turn, step)
+            return logits_hook(logits, rows, turn, step) if logits_hook else logits
+        return rollout(model, tokenizer, prompts, search, cfg, logits_hook=hook, **kwargs)
+    monkeypatch.setattr(searchr1, "rollout", steered_rollout)
+
+
+def write_qa(path: Path, golden: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": f"{path.stem}-{i}", "question": f"question {i}",
+                                        "golden_answers": [g]}) + "\n" for i, g in enumerate(golden)))
+    return path
+
+
+def eval_argv(model_dir, folder: Path, datasets: list[Path], *extra) -> list[str]:
+    corpus, _ = write_task(folder)
+    return ["eval", "--model", str(model_dir), "--no-load-4bit", "--device", "cpu", "--corpus", str(corpus),
+            "--index-dir", str(folder / "index"), "--out-dir", str(folder / "out"), "--max-turns", "1",
+            "--max-new-tokens", "8", "--eval-batch-size", "2",
+            "--datasets", ",".join(str(d) for d in datasets), *extra]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_model_dir, tmp_path_factory):
+    """One eval run of the three methods on two datasets; even rows answer "y", odd rows "z"."""
+    from transformers import AutoTokenizer
+    folder = tmp_path_factory.mktemp("eval")
+    one = write_qa(folder / "one.jsonl", ["y", "y", "y"])
+    two = write_qa(folder / "two.jsonl", ["z", "z"])
+    seen = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        steer(monkeypatch, answer_every_other(AutoTokenizer.from_pretrained(tiny_model_dir)), seen)
+        assert searchr1.main(eval_argv(tiny_model_dir, folder, [one, two])) == 0
+    return {"out": folder / "out", "seen": seen}
+
+
+def read_table(path: Path) -> dict[str, list[float]]:
+    """Method -> its EMs (datasets in order, then the average) from results.md."""
+    rows = [line.strip("|").split("|") for line in path.read_text().splitlines() if line.startswith("| ")]
+    assert [cell.strip() for cell in rows[0]] == ["Method", "one", "two", "Avg."]
+    return {cells[0].strip(): [float(c) for c in cells[1:]] for cells in rows[1:]}
+
+
+@needs_qwen_tokenizer
+def test_eval_table_em_is_the_mean_of_the_saved_per_prediction_em(evaluated):
+    table = read_table(evaluated["out"] / "results.md")
+    assert list(table) == ["Direct inference", "RAG", "Search-R1"]
+    all_em = []
+    for method, row in zip(["direct", "rag", "search-r1"], table.values()):
+        means = []
+        for dataset in ["one", "two"]:
+            cell = json.loads((evaluated["out"] / method / f"{dataset}.json").read_text())
+            for i, p in enumerate(cell["predictions"]):  # rows of a batch of 2: even "y", odd "z"
+                assert p["answer"] == ("y" if i % 2 == 0 else "z")
+                assert p["em"] == float(p["answer"] in p["golden_answers"])
+                assert p["response"].startswith(f"<answer> {p['answer']} </answer>") and p["searches"] == []
+            em = [p["em"] for p in cell["predictions"]]
+            assert cell["em"] == sum(em) / len(em)
+            means.append(sum(em) / len(em))
+            all_em += em
+        assert row == pytest.approx([round(m, 3) for m in means] + [round(sum(means) / 2, 3)], abs=1e-9)
+    assert 0 < sum(all_em) < len(all_em)  # both right and wrong answers: the mean is really checked
+    assert table["Search-R1"] == pytest.approx([2 / 3, 1 / 2, 7 / 12], abs=1e-3)  # y,z,y vs y; y,z vs z
+
+
+@needs_qwen_tokenizer
+def test_the_three_methods_prompt_the_documented_layouts(evaluated):
+    # the first batch of each method, in the order run: one.jsonl's questions 0 and 1
+    direct, rag, search_r1 = (evaluated["seen"][i][0][0] for i in (0, 2, 4))
+    assert direct == DIRECT.format(question="question 0?")
+    # RAG: the top-k of the question itself; only passage 0 holds a word of "question 0"
+    assert rag == RAG.format(question="question 0?", passages='Doc 1(Title: "T0") passage number 0')
+    assert search_r1 == SEARCH_R1.format(question="question 0?")
+    assert [max_turns for _, max_turns in evaluated["seen"]][:6] == [0, 0, 0, 0, 1, 1]  # baselines: no search turn
+
+
+@needs_qwen_tokenizer
+def test_chat_models_get_the_baseline_prompt_as_their_user_message(tiny_model_dir):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = searchr1.encode_prompt(DIRECT.format(question="q?"), tokenizer, chat=True)
+    assert tokenizer.decode(ids).endswith(
+        "<|im_start|>user\n" + DIRECT.format(question="q?") + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+@needs_qwen_tokenizer
+def test_a_resumed_eval_skips_finished_cells_and_redoes_cells_whose_settings_changed(
+        tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+    steer(monkeypatch, answer_every_other(AutoTokenizer.from_pretrained(tiny_model_dir)))
+    argv = eval_argv(tiny_model_dir, tmp_path, [write_qa(tmp_path / "one.jsonl", ["y", "z"]),
+                                                write_qa(tmp_path / "two.jsonl", ["y"])],
+                     "--methods", "direct,search-r1")
+    real_evaluate, real_load_agent = searchr1.evaluate, searchr1.load_agent
+    evaluated, loads, killed = [], [], []
+    def evaluate(*args, desc, **kwargs):
+        evaluated.append(desc)
+        if desc == "direct two" and not killed:  # the first run dies in its third cell
+            killed.append(desc)
+            raise RuntimeError("killed")
+        return real_evaluate(*args, desc=desc, **kwargs)
+    monkeypatch.setattr(searchr1, "evaluate", evaluate)
+    monkeypatch.setattr(searchr1, "load_agent", lambda *args: loads.append(1) or real_load_agent(*args))
+    with pytest.raises(RuntimeError, match="killed"):
+        searchr1.main(argv)
+    out = tmp_path / "out"
+    finished = {path: path.read_bytes() for path in out.glob("*/one.json")}
+    assert len(finished) == 2 and not (out / "direct" / "two.json").exists()
+
+    assert searchr1.main(argv) == 0
+    assert evaluated[3:] == ["direct two", "search-r1 two"]
+    assert all(path.read_bytes() == text for path, text in finished.items())
+    table = (out / "results.md").read_text()
+
+    evaluated.clear(), loads.clear()
+    assert searchr1.main(argv) == 0
+    assert evaluated == [] and loads == []  # all done: not even the model is loaded
+    assert (out / "results.md").read_text() == table
+
+    assert searchr1.main(argv[:-2] + ["--methods", "direct", "--limit", "1"]) == 0  # another sample: again
+    assert evaluated == ["direct one", "direct two"]
+
+
+@needs_qwen_tokenizer
+def test_adapter_is_read_from_a_checkpoint_or_the_latest_of_a_run(tiny_model_dir, tmp_path):
+    cfg = searchr1.Config(model=str(tiny_model_dir), load_4bit=False, device="cpu", lora_r=4, lora_alpha=8,
+                          gradient_checkpointing=False)
+    _, trained = searchr1.load_policy(cfg, torch.device("cpu"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # B = 0 in a fresh adapter: make this one differ from the base
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    searchr1.save_checkpoint(tmp_path / "run", 3, trained, optimizer, scheduler)
+    expected = {k: v for k, v in trained.state_dict().items() if "lora_" in k}
+    # the default Config has rank 16: the rank comes from the adapter's own config
+    default = searchr1.Config(model=str(tiny_model_dir), load_4bit=False, device="cpu")
+    for adapter in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-000003"):
+        _, model = searchr1.load_agent(default, str(adapter), torch.device("cpu"))
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in expected.items())
+    with pytest.raises(searchr1.UsageError, match="no adapter_config.json"):
+        searchr1.load_agent(default, str(tmp_path), torch.device("cpu"))
+
+
+def scripted(tokenizer, turns: list[str]):
+    """A logits hook that makes every trajectory write turns[turn], then end the turn with EOS."""
+    targets = [tokenizer.encode(text) for text in turns]
+    def hook(logits, rows, turn, step):
+        target = targets[turn]
+        forced = torch.full_like(logits, -1e9)
+        forced[:, target[step] if step < len(target) else tokenizer.eos_token_id] = 0.0
+        return forced
+    return hook
+
+
+def ask_argv(model_dir, folder: Path, *extra) -> list[str]:
+    corpus, _ = write_task(folder)
+    return ["ask", "--model", str(model_dir), "--no-load-4bit", "--device", "cpu", "--corpus", str(corpus),
+            "--index-dir", str(folder / "index"), "--max-turns", "1", "--max-new-tokens", "24", *extra]
+
+
+@needs_qwen_tokenizer
+def test_ask_prints_reasoning_each_search_the_titles_found_and_the_answer(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    search_turn = "<think> I should look it up. </think> <search> passage number 1 </search>"
+    steer(monkeypatch, scripted(tokenizer, [search_turn, "<think> Found it. </think> <answer> y </answer>"]))
+    assert searchr1.main(ask_argv(tiny_model_dir, tmp_path, "question 1")) == 0
+    out = capsys.readouterr().out
+    printed = [out.index(text) for text in (search_turn, '[found: "T1"; ', "<think> Found it. </think>",
+                                            "answer: y  (1 searches)")]
+    assert printed == sorted(printed)  # in the order it happened
+
+
+@needs_qwen_tokenizer
+def test_ask_without_a_question_reads_questions_until_an_empty_line(tiny_model_dir, tmp_path, monkeypatch,
+                                                                    capsys):
+    from transformers import AutoTokenizer
+    steer(monkeypatch, scripted(AutoTokenizer.from_pretrained(tiny_model_dir), ["<answer> y </answer>"] * 2))
+    asked = []
+    monkeypatch.setattr(searchr1, "build_prompt", lambda q, *args: asked.append(q) or build_prompt(q, *args))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("question 1\nquestion 2\n\nquestion 3\n"))
+    assert searchr1.main(ask_argv(tiny_model_dir, tmp_path)) == 0
+    assert asked == ["question 1", "question 2"]
+    assert capsys.readouterr().out.count("answer: y  (0 searches)") == 2
+
+
+# ============================================================================ search_api.py
+# Passage tokens (lowercased, stopwords gone; the title line is indexed too) and lengths |d|:
+#   0 paris paris capital france               4
+#   1 lyon lyon city france saone river        6   (two lines of text; "saône" is one token)
+#   2 berlin berlin capital germany            4
+#   3 rhine rhine river germany france         5   N = 4, avgdl = 19 / 4
+SAPI_ROWS = [
+    {"id": "0", "contents": '"Paris"\nParis, capital of France.'},
+    {"id": "1", "contents": '"Lyon"\nLyon is a city in France.\nOn the Saône river.'},
+    {"id": "2", "contents": '"Berlin"\nBerlin, capital of Germany.'},
+    {"id": "3", "contents": '"Rhine"\nThe Rhine: a river of Germany and France.'},
+]
+
+
+SAPI_QUERIES = ["capital of France", "", "the", "Rhine river"]  # "" and "the" have no tokens
+
+
+def sapi_bm25(terms: list[tuple[int, int]], length: int, N=4, avgdl=19 / 4, k1=1.2, b=0.75) -> float:
+    """BM25 of one passage: terms = (tf in the passage, passages holding the term), |d| = length."""
+    return sum(math.log(1 + (N - n + 0.5) / (n + 0.5)) * tf * (k1 + 1)
+               / (tf + k1 * (1 - b + b * length / avgdl)) for tf, n in terms)
+
+
+def sapi_document(i: int) -> dict:
+    title, text = {"0": ('"Paris"', "Paris, capital of France."),
+                   "1": ('"Lyon"', "Lyon is a city in France.\nOn the Saône river."),
+                   "2": ('"Berlin"', "Berlin, capital of Germany."),
+                   "3": ('"Rhine"', "The Rhine: a river of Germany and France.")}[str(i)]
+    return {"id": str(i), "contents": f"{title}\n{text}", "title": title, "text": text}
+
+
+@pytest.fixture(scope="module")
+def sapi_index(tmp_path_factory) -> BM25Index:
+    folder = tmp_path_factory.mktemp("sapi")
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in SAPI_ROWS))
+    return BM25Index.open(corpus, folder / "index")
+
+
+@pytest.fixture
+def sapi_serving():
+    """start(index) -> a SearchServer answering on 127.0.0.1 (free port) from a thread; all stopped after."""
+    servers = []
+    def start(index, server_class=SearchServer):
+        server = server_class(index, "127.0.0.1", 0)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return server
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def sapi_post(server, body: bytes, path="/retrieve", method="POST", length: str | None = "auto"):
+    """One raw request on a fresh connection -> (status, headers, JSON answer)."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    try:
+        connection.putrequest(method, path)
+        if length is not None:
+            connection.putheader("Content-Length", str(len(body)) if length == "auto" else length)
+        connection.endheaders(body if length == "auto" else None)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_server_answers_a_batch_in_search_r1s_layout_with_the_in_process_passages_and_scores(
+        sapi_index, sapi_serving):
+    server = sapi_serving(sapi_index)
+    request = {"queries": SAPI_QUERIES, "topk": None, "return_scores": True}  # topk null: the default, 3
+    status, headers, answer = sapi_post(server, json.dumps(request).encode())
+    capital, france = (1, 2), (1, 3)  # (tf, passages holding the term)
+    expected = {"result": [
+        [{"document": sapi_document(0), "score": pytest.approx(sapi_bm25([capital, france], 4), rel=1e-6)},
+         {"document": sapi_document(2), "score": pytest.approx(sapi_bm25([capital], 4), rel=1e-6)},
+         {"document": sapi_document(3), "score": pytest.approx(sapi_bm25([france], 5), rel=1e-6)}],
+        [],
+        [],
+        [{"document": sapi_document(3), "score": pytest.approx(sapi_bm25([(2, 1), (1, 2)], 5), rel=1e-6)},
+         {"document": sapi_document(1), "score": pytest.approx(sapi_bm25([(1, 2)], 6), rel=1e-6)}],
+    ]}
+    assert (status, headers["Content-Type"]) == (200, "application/json")
+    assert answer == expected
+    # exactly what in-process search returns: same passages, same order, scores equal to the bit
+    in_process = sapi_index.search(SAPI_QUERIES, k=3)
+    assert [[item["document"] | {"score": item["score"]} for item in items]
+            for items in answer["result"]] == in_process
+
+    request = {"queries": SAPI_QUERIES, "topk": 1}  # no return_scores: the document objects alone
+    assert sapi_post(server, json.dumps(request).encode())[2] == {
+        "result": [[sapi_document(0)], [], [], [sapi_document(3)]]}
+
+
+def test_observation_built_from_the_servers_answer_equals_the_in_process_one(sapi_index, sapi_serving):
+    server = sapi_serving(sapi_index)
+    local = searchr1.make_search(searchr1.Config(corpus=str(Path(sapi_index.index_dir).parent / "corpus.jsonl"),
+                                                 index_dir=str(sapi_index.index_dir)))
+    remote = searchr1.make_search(searchr1.Config(search_url=server.url))
+    assert remote(SAPI_QUERIES) == local(SAPI_QUERIES)
+    assert remote(["Lyon"])[0] == 'Doc 1(Title: "Lyon") Lyon is a city in France.\nOn the Saône river.'
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (real wiki-18 and NQ files) is absent")
+def test_observations_from_the_server_equal_in_process_ones_on_real_wiki18_and_nq(sapi_serving, tmp_path):
+    index = BM25Index.open(DATA / "wiki18-sample-1000.jsonl", tmp_path / "wiki")
+    questions = [json.loads(line)["question"] for line in (DATA / "nq-test-17.jsonl").open()]
+    remote = RemoteIndex(sapi_serving(index).url)
+    for k in (1, 3, 10):
+        from_server, in_process = remote.search(questions, k), index.search(questions, k)
+        assert from_server == in_process
+        assert [format_passages(h) for h in from_server] == [format_passages(h) for h in in_process]
+
+
+BAD_REQUESTS = {  # what is wrong -> (request body, HTTP status, words the error must hold)
+    "invalid JSON": (b'{"queries": [', 400, "not valid JSON"),
+    "invalid UTF-8": (b'{"queries": ["\xff"]}', 400, "not valid JSON"),
+    "not an object": (b'["who?"]', 400, "JSON object"),
+    "no queries": (b'{"topk": 3}', 400, "'queries' must be a list of strings (it is missing)"),
+    "queries not a list": (b'{"queries": "who?"}', 400, "'queries' must be a list"),
+    "query not a string": (b'{"queries": ["who?", 7]}', 400, "queries[1] must be a string, got int"),
+    "topk 0": (b'{"queries": ["who?"], "topk": 0}', 400, "'topk' must be an integer from 1 to 100"),
+    "topk above the cap": (b'{"queries": ["who?"], "topk": 101}', 400, "got 101"),
+    "topk a string": (b'{"queries": ["who?"], "topk": "3"}', 400, "'topk'"),
+    "topk a bool": (b'{"queries": ["who?"], "topk": true}', 400, "'topk'"),
+    "return_scores not a bool": (b'{"queries": ["q"], "return_scores": "yes"}', 400, "'return_scores'"),
+    "too many queries": (json.dumps({"queries": ["q"] * (MAX_QUERIES + 1)}).encode(), 413,
+                         f"{MAX_QUERIES + 1:,} queries in one request; at most {MAX_QUERIES:,}"),
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_REQUESTS))
+def test_a_bad_body_gets_its_4xx_a_json_error_one_log_line_and_the_server_keeps_serving(
+        problem, sapi_index, sapi_serving, capsys):
+    server = sapi_serving(sapi_index)
+    body, expected_status, words = BAD_REQUESTS[problem]
+    status, headers, answer = sapi_post(server, body)
+    assert (status, headers["Connection"]) == (expected_status, "close")
+    assert list(answer) == ["error"] and words in answer["error"]
+    good = sapi_post(server, json.dumps({"queries": ["Rhine"], "topk": 1}).encode())
+    assert good[:1] == (200,) and good[2]["result"] == [[sapi_document(3)]]
+    log = capsys.readouterr().err.splitlines()  # one line for the error, none for the good request
+    assert len(log) == 1 and f"{expected_status} POST: {answer['error']}" in log[0]
+
+
+@pytest.mark.parametrize("method, path, length, expected_status, words", [
+    ("POST", "/search", "auto", 404, "no such path '/search'"),
+    ("GET", "/retrieve", None, 405, "GET is not allowed"),
+    ("PUT", "/retrieve", "auto", 405, "PUT is not allowed"),
+    ("POST", "/retrieve", None, 411, "Content-Length header is required"),
+    ("POST", "/retrieve", "twelve", 400, "Content-Length must be a byte count"),
+    ("POST", "/retrieve", str(MAX_BODY_BYTES + 1), 413, f"at most {MAX_BODY_BYTES:,}"),
+])
+def test_a_wrong_path_method_or_length_gets_its_4xx_before_the_body_is_read(
+        method, path, length, expected_status, words, sapi_index, sapi_serving):
+    server = sapi_serving(sapi_index)
+    # the 411, 400 and 413 requests send no body at all: the server must answer from the headers
+    status, headers, answer = sapi_post(server, b'{"queries": ["Rhine"]}', path, method, length)
+    assert status == expected_status and words in answer["error"]
+    if status == 405:
+        assert headers["Allow"] == "POST"
+    assert sapi_post(server, json.dumps({"queries": ["Rhine"], "topk": 1}).encode())[0] == 200
+
+
+def test_a_search_that_crashes_gets_a_500_without_its_traceback_and_the_server_goes_on(
+        sapi_index, sapi_serving, capsys):
+    class Flaky:
+        calls = 0
+        def search(self, queries, k):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("index file vanished")
+            return sapi_index.search(queries, k)
+    server = sapi_serving(Flaky())
+    status, _, answer = sapi_post(server, b'{"queries": ["Rhine"]}')
+    assert status == 500 and "index file vanished" not in answer["error"]
+    assert "RuntimeError: index file vanished" in capsys.readouterr().err  # the log has it
+    assert sapi_post(server, b'{"queries": ["Rhine"]}')[0] == 200
+
+
+class SapiScriptedHandler(http.server.BaseHTTPRequestHandler):
+    """Answers POSTs from `server.script` in turn: "drop" (close without answering) or (status, body)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.seen += 1
+        step = self.server.script.pop(0)
+        if step == "drop":
+            self.close_connection = True
+            return
+        status, body = step
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def sapi_scripted():
+    """scripted(steps) -> (url, server): a fake Search-R1 server that misbehaves as told."""
+    servers = []
+    def scripted(script):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SapiScriptedHandler)
+        server.script, server.seen = list(script), 0
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/retrieve", server
+    yield scripted
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+SAPI_GOOD = json.dumps({"result": [[{"document": {"id": 9, "contents": '"T"\nline one\nline two'},
+                                     "score": 2}]]}).encode()  # a dense server's id/contents only
+
+
+def test_client_retries_through_a_dropped_request_a_503_and_garbage_then_uses_the_answer(sapi_scripted):
+    url, server = sapi_scripted(["drop", (503, b'{"error": "busy"}'), (200, b"<html>oops</html>"),
+                                 (200, b'{"result": [[{"document": {}}]]}'), (200, SAPI_GOOD)])
+    hits = RemoteIndex(url, timeout=5, retries=4, backoff_s=0.01).search(["q"], k=1)
+    assert server.seen == 5
+    assert hits == [[{"id": "9", "contents": '"T"\nline one\nline two', "title": '"T"',
+                      "text": "line one\nline two", "score": 2.0}]]
+
+
+def test_client_gives_up_after_its_retries_with_the_url_and_the_last_problem(sapi_scripted):
+    url, server = sapi_scripted(["drop", "drop", (502, b"bad gateway")])
+    with pytest.raises(SearchUnavailable, match=rf"search server {url} failed after 3 attempt\(s\): "
+                                                r"HTTP 502: bad gateway"):
+        RemoteIndex(url, timeout=5, retries=2, backoff_s=0.01).search(["q"])
+    assert server.seen == 3
+
+
+def test_client_does_not_retry_a_4xx_and_shows_the_servers_error(sapi_index, sapi_serving):
+    url = sapi_serving(sapi_index).url
+    with pytest.raises(SearchUnavailable, match=r"after 1 attempt\(s\): HTTP 400: .*'topk' must be"):
+        RemoteIndex(url, retries=3, backoff_s=10).search(["q"], k=500)  # a retry would wait 10 s
+
+
+def test_client_fails_with_the_url_when_nothing_listens():
+    with socket.socket() as placeholder:  # a port that was free a moment ago, now closed
+        placeholder.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{placeholder.getsockname()[1]}/retrieve"
+    start = time.monotonic()
+    with pytest.raises(SearchUnavailable, match=rf"search server {url} failed after 3 attempt\(s\): "
+                                                r"ConnectionRefusedError: .*Connection refused") as caught:
+        RemoteIndex(url, timeout=2, retries=2, backoff_s=0.05).search(["q"])
+    assert isinstance(caught.value, OSError)  # the CLI's error path: "error: ...", exit code 2
+    assert 0.15 <= time.monotonic() - start < 5  # backoff 0.05 s, then 0.1 s
+
+
+def test_client_keeps_its_connection_only_for_calls_in_quick_succession(sapi_index, sapi_serving, monkeypatch):
+    class CountingServer(SearchServer):
+        connections = 0
+        def process_request(self, request, client_address):  # once per accepted connection
+            self.connections += 1
+            super().process_request(request, client_address)
+    server = sapi_serving(sapi_index, CountingServer)
+    remote = RemoteIndex(server.url)
+    for _ in range(3):
+        assert remote.search(["Rhine"], k=1) == sapi_index.search(["Rhine"], k=1)
+    assert server.connections == 1
+    assert sapi_post(server, b'{"queries": "x"}')[0] == 400  # another client's error closes only its own
+    monkeypatch.setattr(search_api, "KEEP_ALIVE_S", 0.0)  # as if the calls came minutes apart
+    remote.search(["Rhine"], k=1)
+    assert server.connections == 3
+
+
+def test_client_sends_one_request_per_batch_and_none_for_no_queries(sapi_index, sapi_serving):
+    seen = []  # the queries of each search the server ran
+    class Spy:
+        def search(self, queries, k):
+            seen.append(list(queries))
+            return sapi_index.search(queries, k)
+    remote = RemoteIndex(sapi_serving(Spy()).url)
+    assert remote.search([], k=3) == [] and seen == []
+    remote.search(SAPI_QUERIES, k=2)
+    assert seen == [SAPI_QUERIES]
+
+
+def test_serve_command_prints_url_and_size_answers_and_stops_cleanly_on_ctrl_c(sapi_index):
+    corpus = Path(sapi_index.index_dir).parent / "corpus.jsonl"
+    # A shell's background jobs start with SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: the child puts Python's Ctrl-C handler back before running searchr1.py.
+    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", code, "searchr1.py", "serve", "--corpus", str(corpus),
+                                "--index-dir", str(sapi_index.index_dir), "--port", "0"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 60)  # importing torch takes a few seconds
+        line = process.stdout.readline() if ready else ""
+        assert line.startswith("serving 4 passages at http://127.0.0.1:"), (line, process.poll())
+        url = line.split(" at ")[1].split()[0]
+        assert RemoteIndex(url, retries=0).search(SAPI_QUERIES) == sapi_index.search(SAPI_QUERIES)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+        assert process.stdout.read() == "stopped\n"
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def sapi_model_dir(tmp_path_factory):
+    """A random 2-layer Qwen2 with the real Qwen2.5 tokenizer, saved like a hub checkpoint."""
+    if not QWEN_TOKENIZER.exists():
+        pytest.skip(f"{QWEN_TOKENIZER} is absent")
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("sapi-qwen2")
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+def sapi_search_then_answer(tokenizer):
+    """A logits hook: every trajectory searches "capital" in turn 0, then answers y (even rows) or z."""
+    search = tokenizer.encode("<search> capital </search>")
+    answers = [tokenizer.encode(f"<answer> {a} </answer>") for a in ("y", "z")]
+    def hook(logits, rows, turn, step):
+        forced = torch.full_like(logits, -1e9)
+        for i, row in enumerate(rows.tolist()):
+            target = search if turn == 0 else answers[row % 2]
+            forced[i, target[step] if step < len(target) else tokenizer.eos_token_id] = 0.0
+        return forced
+    return hook
+
+
+def test_training_that_loses_its_search_server_saves_its_last_step_and_resumes_when_it_is_back(
+        sapi_model_dir, sapi_index, sapi_serving, tmp_path, monkeypatch, capsys):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    monkeypatch.setattr(searchr1, "rollout", functools.partial(
+        rollout, logits_hook=sapi_search_then_answer(AutoTokenizer.from_pretrained(sapi_model_dir))))
+    monkeypatch.setattr(searchr1, "RemoteIndex", functools.partial(RemoteIndex, retries=1, backoff_s=0.01))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": f"q{i}", "question": f"question {i}", "golden_answers": ["y"]}) + "\n"
+                          for i in range(4)))
+    run_dir = tmp_path / "run"
+    def train(url, *extra):
+        return searchr1.main(["train", "--model", str(sapi_model_dir), "--search-url", url, "--out-dir", str(run_dir),
+                              "--train-data", str(qa), "--eval-data", str(qa), "--device", "cpu",
+                              "--no-load-4bit", "--no-gradient-checkpointing", "--batch-size", "2",
+                              "--group-size", "2", "--updates-per-step", "1", "--micro-batch-size", "4",
+                              "--max-turns", "1", "--max-new-tokens", "8", "--eval-size", "2",
+                              "--eval-batch-size", "2", "--steps", "2", "--save-every", "10",
+                              "--eval-every", "0", "--lr", "1e-2", *extra])
+
+    server = sapi_serving(sapi_index)
+    real_step = searchr1.train_step
+    after_step_1 = {}  # the adapter as step 1 left it
+    def lose_the_server_after_step_1(model, *args):
+        if after_step_1:
+            server.shutdown()
+            server.server_close()
+        stats = real_step(model, *args)
+        after_step_1.update({k: v.clone() for k, v in get_peft_model_state_dict(model).items()})
+        return stats
+    monkeypatch.setattr(searchr1, "train_step", lose_the_server_after_step_1)
+    assert train(server.url) == 2  # the CLI's error path
+    out, err = capsys.readouterr()
+    assert f"error: search server {server.url} failed after 2 attempt(s)" in err
+    assert f"search failed: saved step 1 to {run_dir}; continue with --resume" in out + err
+    checkpoints = run_dir / "checkpoints"
+    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 1  # save_every 10: the failure saved it
+    saved = load_file(checkpoints / "step-000001" / "adapter_model.safetensors")
+    # the failed step changed nothing: what was saved is the adapter step 1 left
+    assert saved.keys() == after_step_1.keys() and all(torch.equal(saved[k], after_step_1[k]) for k in saved)
+    assert torch.load(checkpoints / "step-000001" / "trainer_state.pt", weights_only=True)["step"] == 1
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()] == [1]
+
+    monkeypatch.setattr(searchr1, "train_step", real_step)
+    assert train(sapi_serving(sapi_index).url, "--resume") == 0  # the server is back (on a new port)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["searches"] == 1.0 for r in rows)
+    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 2
+
+
+# ============================================================================ bench.py gpu --tiny
+@pytest.mark.skipif(not QWEN_TOKENIZER.exists(), reason="../shared/data/qwen2.5-tokenizer is absent")
+def test_bench_gpu_tiny_times_a_real_grpo_step_on_the_forced_script_and_prints_the_full_table(monkeypatch, capsys):
+    results = []  # main() dispatches to bench.bench_gpu; keep what it returns
+    real_bench_gpu = bench.bench_gpu
+    monkeypatch.setattr(bench, "bench_gpu", lambda args: results.append(real_bench_gpu(args)))
+    # 2 questions x 2 samples in rollout chunks of 1 question, 3 turns of 12 forced tokens; a made-up
+    # measured device (0.5 TB/s, 10 TFLOPS) so the consumer-card estimate is computed too
+    monkeypatch.setattr(sys, "argv", ["bench.py", "gpu", "--tiny", "--questions", "2", "--group-size", "2",
+                                      "--rollout-batch-size", "1", "--tokens-per-turn", "12",
+                                      "--device-tbps", "0.5", "--device-tflops", "10",
+                                      "--profile", "--profile-rows", "5"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)  # --tiny runs on one thread; the rest of the session keeps its own
+    (r,) = results
+    out = capsys.readouterr().out
+
+    # train_step's rollout sampled exactly the script, in both chunks, and model.generate the very same tokens
+    assert r["sampled_tokens"] == r["forced_tokens"] == 2 * 2 * 3 * 12
+    assert r["same_tokens"] is True
+    # each chunk's last turns answer "yes" (the golden answer) then "no": reward 0.5, so the update has a
+    # gradient, and it moved the LoRA weights and nothing else
+    assert r["reward"] == 0.5
+    assert r["changed_lora"] > 0 and r["changed_frozen"] == 0
+    # the phases are real, positive, and make up the step
+    assert all(r[key] > 0 for key in ("rollout_s", "logprob_s", "update_s", "generate_tok_s", "peak_gb"))
+    assert r["rollout_s"] + r["logprob_s"] + r["update_s"] == pytest.approx(r["step_s"])
+    assert r["ours_tok_s"] == pytest.approx(r["sampled_tokens"] / r["rollout_s"])
+    assert r["steps_in_3h"] == pytest.approx(3 * 3600 / r["step_s"])
+    # RTX 4090 (1.008 TB/s, 165 TFLOPS): the rollout scales by bandwidth, the other phases by FLOPs
+    estimate = r["estimate"]
+    assert estimate["rollout_s"] == pytest.approx(r["rollout_s"] * 0.5 / 1.008)
+    assert estimate["step_s"] == pytest.approx(estimate["rollout_s"] + (r["logprob_s"] + r["update_s"]) * 10 / 165)
+
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| device |"))
+    columns = lines[header].strip("| ").split(" | ")
+    for column in ("device", "model", "batch", "rollout tok/s (ours)", "rollout tok/s (generate)", "ours / generate",
+                   "rollout s", "log-prob s", "update s", "step s", "peak GB", "GRPO steps in 3 h"):
+        assert column in columns
+    measured, estimated = (dict(zip(columns, line.strip("| ").split(" | "))) for line in lines[header + 2: header + 4])
+    assert measured["device"] == "CPU (1 thread)" and measured["batch"] == "2 x 2"
+    assert measured["GRPO steps in 3 h"] == f"{r['steps_in_3h']:.0f}"
+    assert estimated["device"] == "RTX 4090 (estimate)"
+    assert estimated["step s"] == f"{estimate['step_s']:.1f}"
+    assert "OOM" not in out
+    assert sum(line.startswith("  ") and ": peak memory" in line for line in lines) == 2  # targets, both rows
+    # --profile: one more step under torch.profiler, its top ops
+    assert "profile of one more train_step" in out and "aten::" in out
+
+
+def test_a_phase_that_runs_out_of_memory_is_noted_with_its_line_and_the_bench_goes_on():
+    from grpo import token_logprobs
+    def model_out_of_memory(**inputs):  # a log-prob pass whose model call runs out of GPU memory
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.68 GiB\nof which 1 GiB is free")
+    ids = torch.ones(1, 4, dtype=torch.long)
+    notes = []
+    class OutOfMemoryModel:
+        def get_decoder(self):
+            return model_out_of_memory
+    failing_pass = lambda: token_logprobs(OutOfMemoryModel(), ids, torch.ones_like(ids), 2)  # noqa: E731
+    assert bench._measure("train_step", failing_pass, torch.device("cpu"), notes) is None
+    (note,) = notes
+    assert note.startswith("train_step ran out of memory under the cap in grpo.py:") and "get_decoder()(" in note
+    assert note.endswith(": CUDA out of memory. Tried to allocate 10.68 GiB")  # the message's first line
+    result, seconds, peak_gb = bench._measure("a pass that fits", lambda: 42, torch.device("cpu"), notes)
+    assert (result, len(notes)) == (42, 1) and seconds >= 0 and peak_gb > 0
