@@ -28,6 +28,7 @@ extra time goes (encoding and decoding the JSON).
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import multiprocessing
 import os
@@ -45,13 +46,17 @@ from unittest import mock
 
 import numpy as np
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList, Qwen2Config,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList,
+                          Qwen2Config,
                           Qwen2ForCausalLM, StoppingCriteria, StoppingCriteriaList)
 
 import searchr1
+from grpo import token_logprobs
 from retriever import format_passages
 from rollout import INVALID_ACTION, RolloutConfig, build_prompt, observation, parse_action, rollout
 from searchr1 import clock, peak_memory_gb
+
+LOGPROB_CHUNK = inspect.signature(token_logprobs).parameters["chunk"].default  # positions of logits at a time
 
 RETRIEVER_TARGETS = ("queries/s >= 30x rank-bm25's at 100k; >= 100 queries/s at 1M; "
                      "1M indexed in < 300 s with peak RSS < 8 GB")
@@ -660,15 +665,18 @@ def bench_gpu(args) -> dict:
     print(f"sampled tokens {cell(r, 'sampled_tokens', 'd')} of {forced} forced, the same both ways: {same}; peak GB: "
           f"generate {cell(r, 'generate_peak_gb', '.2f')}, train step {cell(r, 'peak_gb', '.2f')}; the step changed "
           f"{r['changed_lora']} LoRA tensors and {r['changed_frozen']} others; reward {cell(r, 'reward', '.2f')}")
-    # memory arithmetic: keys and values of a rollout chunk at full length; fp32 logits of one micro-batch
+    # memory arithmetic: keys and values of a rollout chunk at full length; fp32 logits of one micro-batch,
+    # whole (what a plain forward would make) and one chunk of grpo.token_logprobs (what is made)
     response = turns * args.tokens_per_turn + cfg.max_turns * obs_tokens
     longest = max(len(p) for p in prompts) + response
     head_dim = architecture["hidden_size"] // architecture["num_attention_heads"]
     kv_gb = (rows * longest * architecture["num_hidden_layers"] * 2 * architecture["num_key_value_heads"] * head_dim
              * (2 if cuda else 4)) / 2**30  # keys and values, bf16 on CUDA, fp32 on the CPU
     logits_gb = cfg.micro_batch_size * response * architecture["vocab_size"] * 4 / 2**30
+    chunk_gb = logits_gb * min(1.0, LOGPROB_CHUNK / response)
     print(f"memory arithmetic: KV cache of one rollout chunk ({rows} x {longest} tokens) {kv_gb:.2f} GB; "
-          f"fp32 logits of one micro-batch in a log-prob pass {logits_gb:.2f} GB")
+          f"fp32 logits of one micro-batch {logits_gb:.2f} GB whole, {chunk_gb:.2f} GB a chunk of "
+          f"{LOGPROB_CHUNK} positions as grpo.token_logprobs makes them")
     print("targets (issue 6):")
     for row in [r] + ([estimate] if estimate else []):
         peak_ok = row.get("peak_gb") is not None and row["peak_gb"] < GPU_TARGETS["peak_gb"]
