@@ -330,14 +330,11 @@ def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base
     assert not torch.allclose(logp[in_loss], ref_logp[in_loss], atol=1e-3)
 
 
-@needs_qwen_tokenizer
-def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(tiny_model_dir, tmp_path, monkeypatch):
-    from transformers import AutoTokenizer
-    steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
-    straight = tiny_config(tiny_model_dir, tmp_path / "straight")
-    searchr1.train(straight)
+def straight_and_resumed_runs(straight, crashed, monkeypatch):
+    """Train `straight` for its steps; train `crashed` until its second step dies, then --resume it.
 
-    crashed = tiny_config(tiny_model_dir, tmp_path / "crashed")
+    Returns both configs and both runs' metrics rows."""
+    searchr1.train(straight)
     real_step = searchr1.train_step
     calls = []
     def crash_on_second_step(*args):
@@ -350,9 +347,18 @@ def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(tiny_model
         searchr1.train(crashed)
     monkeypatch.setattr(searchr1, "train_step", real_step)
     searchr1.train(replace(crashed, resume=True))
-
     rows = [json.loads(line) for line in (Path(straight.out_dir) / "metrics.jsonl").open()]
     resumed = [json.loads(line) for line in (Path(crashed.out_dir) / "metrics.jsonl").open()]
+    return straight, crashed, rows, resumed
+
+
+@needs_qwen_tokenizer
+def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+    steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
+    straight, crashed, rows, resumed = straight_and_resumed_runs(
+        tiny_config(tiny_model_dir, tmp_path / "straight"), tiny_config(tiny_model_dir, tmp_path / "crashed"),
+        monkeypatch)
     assert [r["step"] for r in resumed] == [1, 2]
     for key in ("reward", "policy_loss", "kl", "grad_norm", "lr"):
         assert resumed[1][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-9), key
@@ -993,25 +999,9 @@ def test_a_ppo_step_changes_only_the_two_adapters_and_the_value_head(tiny_model_
 def test_resumed_ppo_run_takes_the_same_next_step_as_an_uninterrupted_one(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
     steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
-    straight = ppo_config(tiny_model_dir, tmp_path / "straight")
-    searchr1.train(straight)
-
-    crashed = ppo_config(tiny_model_dir, tmp_path / "crashed")
-    real_step = searchr1.train_step
-    calls = []
-    def crash_on_second_step(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real_step(*args)
-    monkeypatch.setattr(searchr1, "train_step", crash_on_second_step)
-    with pytest.raises(RuntimeError, match="killed"):
-        searchr1.train(crashed)
-    monkeypatch.setattr(searchr1, "train_step", real_step)
-    searchr1.train(replace(crashed, resume=True))
-
-    rows = [json.loads(line) for line in (Path(straight.out_dir) / "metrics.jsonl").open()]
-    resumed = [json.loads(line) for line in (Path(crashed.out_dir) / "metrics.jsonl").open()]
+    straight, crashed, rows, resumed = straight_and_resumed_runs(
+        ppo_config(tiny_model_dir, tmp_path / "straight"), ppo_config(tiny_model_dir, tmp_path / "crashed"),
+        monkeypatch)
     assert [r["step"] for r in resumed] == [1, 2]
     for key in ("reward", "policy_loss", "value_loss", "explained_variance", "value_clip_frac", "kl", "grad_norm"):
         assert resumed[1][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-9), key
