@@ -10,6 +10,7 @@ import http.server
 import io
 import json
 import math
+import random
 import re
 import select
 import signal
@@ -33,13 +34,15 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 import bench
 import search_api
 import searchr1
+import tiny
 from eval import (DataError, exact_match, extract_answer, load_qa, normalize_answer, read_qa_file,
     sub_exact_match, token_f1)
 from grpo import clipped_policy_loss, group_advantages, grpo_loss, low_var_kl, token_logprobs
 from ppo import actor_loss, critic_loss, gae, token_rewards, whiten
 from retriever import (BM25Index, CorpusError, default_index_dir, FINGERPRINT_FILE, format_passages,
     read_corpus, split_contents, tokenize)
-from rollout import (_sample, build_prompt, INVALID_ACTION, rollout, RolloutConfig)
+from rollout import (_sample, build_prompt, INVALID_ACTION, observation, parse_action, rollout,
+    RolloutConfig, STOP_STRINGS)
 from search_api import MAX_BODY_BYTES, MAX_QUERIES, RemoteIndex, SearchServer, SearchUnavailable
 
 ROOT = Path(__file__).resolve().parent
@@ -47,6 +50,8 @@ DATA = ROOT.parent / "shared" / "data"  # real files for offline tests; absent i
 QWEN_TOKENIZER = DATA / "qwen2.5-tokenizer"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (real wiki-18 and NQ files) is absent")
 needs_qwen_tokenizer = pytest.mark.skipif(not QWEN_TOKENIZER.exists(), reason=f"{QWEN_TOKENIZER} is absent")
+
+
 # The models here are tiny: with 2 threads, thread hand-offs cost more than they save (10-20x slower
 # small ops measured on a busy 2-core machine), so the tests use one.
 torch.set_num_threads(1)
@@ -1691,3 +1696,125 @@ def test_a_phase_that_runs_out_of_memory_is_noted_with_its_line_and_the_bench_go
     assert note.endswith(": CUDA out of memory. Tried to allocate 10.68 GiB")  # the message's first line
     result, seconds, peak_gb = bench._measure("a pass that fits", lambda: 42, torch.device("cpu"), notes)
     assert (result, len(notes)) == (42, 1) and seconds >= 0 and peak_gb > 0
+
+
+# ============================================================================ tiny.py: the learning proof
+SMALL = tiny.TinyTask(entities=40, held_out=15)
+
+
+@pytest.fixture(scope="module")
+def small_task(tmp_path_factory):
+    """Knowledge base, BM25 search and tokenizer of a 40-entity task (no warm-up: it is slow)."""
+    corpus_rows, train, test = tiny.make_knowledge_base(SMALL)
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny.write_jsonl(folder / "corpus.jsonl", corpus_rows)
+    index = BM25Index.open(folder / "corpus.jsonl", index_dir=folder / "index")
+    search = lambda queries: [format_passages(hits) for hits in index.search(queries, k=3)]
+    tokenizer = tiny.train_tokenizer(tiny.vocabulary_texts(train + test, search))
+    return {"corpus": corpus_rows, "train": train, "test": test, "index": index, "search": search,
+            "tokenizer": tokenizer}
+
+
+def test_held_out_facts_are_never_asked_in_training_but_their_entities_are(small_task):
+    facts = lambda rows: {(q["entity"], q["attribute"]) for q in rows}
+    train, test = small_task["train"], small_task["test"]
+    assert len(test) == SMALL.held_out and len(train) + len(test) == 3 * SMALL.entities
+    assert not facts(train) & facts(test)
+    assert {q["question"] for q in train}.isdisjoint(q["question"] for q in test)
+    assert {entity for entity, _ in facts(test)} <= {entity for entity, _ in facts(train)}
+
+
+def test_invented_names_are_never_words_the_task_uses():
+    names = {name.lower() for name in tiny.invent_names(random.Random(0), 3000)}
+    values = {value.lower() for values in tiny.VALUES.values() for value in values}
+    assert len(names) == 3000 and not names & (values | set(tiny.VALUES) | {"the", "is", "what"})
+
+
+def test_the_same_seed_makes_the_same_task_and_another_seed_another():
+    assert tiny.make_knowledge_base(SMALL) == tiny.make_knowledge_base(SMALL)
+    other = tiny.TinyTask(entities=SMALL.entities, held_out=SMALL.held_out, seed=1)
+    assert tiny.make_knowledge_base(other)[1] != tiny.make_knowledge_base(SMALL)[1]
+
+
+def test_every_answer_is_only_in_the_corpus_and_its_query_retrieves_it_first(small_task):
+    by_id = {row["id"]: row["contents"] for row in small_task["corpus"]}
+    for q in small_task["train"] + small_task["test"]:
+        assert q["golden_answers"][0] not in q["question"]
+        best = small_task["index"].search([tiny.QUERY.format(**q)], k=3)[0][0]
+        assert by_id[best["id"]].endswith(f"The {q['attribute']} of {q['entity']} is {q['golden_answers'][0]}.")
+
+
+def test_tokenizer_round_trips_prompt_tags_and_passages_exactly(small_task, tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer = small_task["tokenizer"]
+    q = small_task["test"][0]
+    texts = [tokenizer.decode(build_prompt(q["question"], tokenizer, False)), INVALID_ACTION,
+             tiny.SEARCH.format(**q), observation(small_task["search"]([tiny.QUERY.format(**q)])[0]),
+             tiny.READ.format(**q, value=q["golden_answers"][0])]
+    tokenizer.save_pretrained(tmp_path)
+    for t in (tokenizer, AutoTokenizer.from_pretrained(tmp_path)):
+        for text in texts:
+            assert t.decode(t.encode(text, add_special_tokens=False)) == text
+        for tag in tiny.TAGS:  # one token each, and kept by skip_special_tokens
+            ids = t.encode(tag, add_special_tokens=False)
+            assert len(ids) == 1 and t.decode(ids, skip_special_tokens=True) == tag
+    # a name is one token, so copying it into a query is one step
+    assert len(tokenizer.encode(" " + q["entity"], add_special_tokens=False)) == 1
+
+
+def test_decoded_turns_are_what_the_rollout_and_the_reward_look_for(small_task):
+    tokenizer = small_task["tokenizer"]
+    q = small_task["train"][0]
+    decode = lambda text: tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+    search_turn, answer_turn = decode(tiny.SEARCH.format(**q)), decode(tiny.READ.format(**q, value="x"))
+    assert search_turn.endswith(STOP_STRINGS[0]) and answer_turn.endswith(STOP_STRINGS[1])
+    assert parse_action(search_turn) == ("search", tiny.QUERY.format(**q))
+    answer_turn = decode(tiny.READ.format(**q, value=q["golden_answers"][0]))
+    assert exact_match(extract_answer(answer_turn), q["golden_answers"]) == 1.0
+
+
+def test_warm_up_trajectory_is_laid_out_as_the_rollout_lays_it_out(small_task):
+    tokenizer, search, q = small_task["tokenizer"], small_task["search"], small_task["train"][0]
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    prompt, response, loss_mask = tiny.warmup_example(q, tokenizer, search, random.Random(0), 1.0)
+    first, last = encode(tiny.SEARCH.format(**q)), encode(tiny.READ.format(**q, value=q["golden_answers"][0]))
+    info = encode(observation(search([tiny.QUERY.format(**q)])[0]))
+    assert prompt == build_prompt(q["question"], tokenizer, False)
+    assert response == first + info + last
+    assert loss_mask == [1] * len(first) + [0] * len(info) + [1] * len(last)  # observation: not trained
+    _, response, loss_mask = tiny.warmup_example(q, tokenizer, search, random.Random(0), 0.0)
+    action, guess = parse_action(tokenizer.decode(response))
+    assert action == "answer" and guess in tiny.VALUES[q["attribute"]] and all(loss_mask)
+
+
+def test_shared_prefix_warm_up_loss_equals_the_loss_over_full_sequences(small_task):
+    """The warm-up runs the prompts' common prefix once; the loss must not change."""
+    tokenizer, search = small_task["tokenizer"], small_task["search"]
+    model = tiny.tiny_qwen2(tokenizer, tiny.TinyTask(hidden=32))
+    rng = random.Random(0)
+    batch = [tiny.warmup_example(q, tokenizer, search, rng, 0.5)
+             for q in small_task["train"][:6]]
+    total, n = 0.0, 0
+    for prompt, response, mask in batch:  # the plain way: each full sequence on its own
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0]
+        logp = logits[len(prompt) - 1: -1].log_softmax(-1)                      # (R, V)
+        nll = -logp.gather(1, torch.tensor(response)[:, None]).squeeze(1)
+        total, n = total + (nll * torch.tensor(mask)).sum(), n + sum(mask)
+    shared = tiny.warmup_loss(model, batch, tokenizer.pad_token_id)
+    torch.testing.assert_close(shared, total / n, rtol=1e-5, atol=1e-5)
+
+
+def test_grpo_through_train_teaches_the_warmed_up_model_to_search(tmp_path):
+    """The chapter's claim on a shorter schedule: searchr1's own loop (rollout, EM reward, GRPO,
+    LoRA) turns a model that guesses into one that searches, and held-out EM follows."""
+    import dataclasses
+    import searchr1
+    cfg = dataclasses.replace(searchr1.Config(), **{
+        **searchr1.TINY, "model": "tiny", "out_dir": str(tmp_path), "steps": 12, "lr": 2e-3,
+        "eval_every": 0, "eval_size": 50, "save_every": 12})
+    task = tiny.TinyTask(entities=100, held_out=50, warmup_steps=450, short_steps=200)
+    result = searchr1.run_tiny(cfg, task)
+    before, after = result["before"], result["after"]
+    assert before["searches"] < 0.2            # the warm-up guesses ...
+    assert after["searches"] > 0.8             # ... GRPO makes it search ...
+    assert after["em"] >= before["em"] + 0.3   # ... and answer held-out questions right

@@ -2,38 +2,39 @@
 
 The other chapters' tests show that each piece does what it says; they cannot show that the
 pieces together teach a model to search. This chapter builds a task in which searching is the only
-way to answer, small enough that all of Search-R1 runs on two CPU cores in minutes
+way to answer, small enough that all of Search-R1 runs on two CPU cores in about two minutes
 (`python searchr1.py --model tiny`):
 
-    knowledge base  invented entities ("Bavoki", "Tuzel") x 3 attributes (color, city, food),
-                    one passage per fact, written as a Search-R1 corpus; questions in FlashRAG JSONL
-    held out        facts (entity, attribute) that no training question asks; each of their entities
-                    is asked about in training (other attributes), so every entity's token embedding
-                    is trained -- a model cannot copy into a query a word whose embedding it never
-                    learned
-    tokenizer       word level, built from every text the task can show the model (SPEC's prompt,
-                    tags, passages, the invalid-action message), saved in Hugging Face format
-    policy          Qwen2 architecture, ~0.85M parameters, tied embeddings
+    knowledge base  400 invented entities ("Bavoki", "Tuzel") x 3 attributes (color, city, food),
+                    10 values each; one passage per fact, written as a Search-R1 corpus, indexed by
+                    retriever.py; questions ("What is the color of Bavoki?") in FlashRAG JSONL
+    held out        200 facts (entity, attribute) that no training question asks. Their entities
+                    are asked about in training (other attributes): a model cannot copy into a
+                    query a name whose token embedding it never trained
+    tokenizer       byte-level BPE in Qwen2.5's format, trained on every text of the task until
+                    each word is one token (~1,900 tokens), saved in Hugging Face format
+    policy          Qwen2 architecture, 2 layers of width 128, tied embeddings: 0.64M parameters
     warm-up         a short supervised stage that stands in for pretraining: the model learns the
-                    tags, to search and to read an answer out of the passage -- but it is shown more
-                    guesses than searches, so its greedy policy guesses: EM near chance (1 in 10)
-    GRPO            searchr1.train() with this folder as --model: the same rollout, reward, loss
-                    and LoRA as for Qwen2.5-3B
+                    tags, to search and to read the answer out of the passage -- but it is shown
+                    more guesses than searches, so its greedy policy guesses: EM near chance (0.1)
+    GRPO            searchr1.train() with the warm-up folder as --model: the same rollout, reward,
+                    loss and LoRA as for Qwen2.5-3B
 
 A guess is right one time in ten; an answer read from the retrieved passage nearly always. Within a
-group of sampled responses to one question the searching ones score higher, so the group advantage
-(r - mean) / std pushes probability onto "search" -- that is the whole of what GRPO must find.
+group of responses to one question the searching ones score higher, so the group advantage
+(r - mean) / std moves probability onto searching -- that decision is what GRPO has to learn.
 
-Warm-up trajectories are built the way the rollout builds them: the query runs against the real
-BM25 index, the observation is the rollout's own `<information>` text, and the loss covers only the
-tokens the policy writes (observation tokens masked), as in RL.
+Warm-up trajectories are laid out as the rollout lays out sampled ones: the query runs against the
+real BM25 index, the observation is rollout.observation() of its passages, and the loss covers only
+the tokens the policy writes (observation tokens masked), as in RL.
 
 Where this departs from Search-R1:
 - The "pretrained" model is made here by a supervised warm-up on scripted trajectories: nothing can
   be downloaded offline, and a random model never writes a tag, so RL would never see a reward.
-- One sentence per fact and a word-level vocabulary: the task is about deciding to search, not
-  about reading Wikipedia; a 0.85M-parameter model could not do the latter.
-- Short per-turn budgets (searchr1's TINY settings): scripted turns are ~15 tokens, not 500.
+- One sentence per fact and top-1 retrieval (searchr1's TINY settings): the task is deciding to
+  search, not reading Wikipedia. The fact's passage always ranks first for its query (tested);
+  three passages would only lengthen every sequence.
+- Short per-turn budgets: the scripted turns are ~15 tokens, not 500.
 """
 import json
 import os
@@ -73,24 +74,31 @@ class TinyTask:
     """Size of the task and of its warm-up; the defaults make `--model tiny` (a few minutes)."""
     entities: int = 400            # x 3 attributes = 1,200 facts, one passage each
     held_out: int = 200            # facts asked only in evaluation (at most one per entity)
-    search_share: float = 0.4      # warm-up trajectories that search; the rest guess (greedy: guess)
-    warmup_steps: int = 500        # supervised steps of warmup_batch trajectories, in all
-    short_steps: int = 300         # the first ones with the question alone as the prompt (warm_up)
+    warmup_steps: int = 600        # supervised steps of warmup_batch trajectories, in all
+    short_steps: int = 250         # the first of them: question-only prompts, mostly searching
+    skill_share: float = 0.7       # searching trajectories in those first steps: learn the skill
+    search_share: float = 0.3      # searching trajectories afterwards: greedy decoding guesses
     warmup_batch: int = 32
     warmup_lr: float = 1e-3        # AdamW; 3e-3 stalls at loss ~1 (notes/tiny-task.md)
     hidden: int = 128              # Qwen2 width; 4 heads, 2 KV heads, MLP 3 x hidden
-    layers: int = 4
+    layers: int = 2                # 2 layers leave the copy plateau ~2x sooner than 4 (measured)
     seed: int = 0
 
 
 # ----------------------------------------------------------------------------- knowledge base
 def invent_names(rng: random.Random, n: int) -> list[str]:
-    """n distinct made-up words of two or three syllables: 'Bavoki', 'Tuzel', ..."""
+    """n distinct made-up words of two or three syllables ('Bavoki', 'Tuzel', ...), none of them a
+    word the task uses otherwise: BM25 would confuse an entity named 'Rome' with the city."""
+    taken = " ".join([PROMPT_TEMPLATE, INVALID_ACTION, QUESTION, PASSAGE, SEARCH, READ, GUESS,
+                      *(value for values in VALUES.values() for value in values)])
+    taken = set(re.findall(r"[a-z]+", taken.lower()))
     onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ["", "", "", "l", "n", "r", "s"]
     names = set()
     while len(names) < n:
         syllables = [rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.choice([2, 2, 3]))]
-        names.add(("".join(syllables) + rng.choice(codas)).capitalize())
+        name = "".join(syllables) + rng.choice(codas)
+        if name not in taken:
+            names.add(name.capitalize())
     return sorted(names)
 
 
@@ -145,7 +153,7 @@ def train_tokenizer(texts: list[str]):
     model type), so this is the form it must have. decode(encode(text)) == text for any text; the
     tags are added tokens, matched before pre-tokenizing, and not special: decoding keeps them.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -175,7 +183,7 @@ def tiny_qwen2(tokenizer, task: TinyTask):
 
 
 # ----------------------------------------------------------------------------- warm-up
-def warmup_example(q: dict, tokenizer, search, rng: random.Random, task: TinyTask,
+def warmup_example(q: dict, tokenizer, search, rng: random.Random, search_share: float,
                    full_prompt: bool = True) -> tuple[list, list, list]:
     """One scripted trajectory: (prompt_ids, response_ids, loss_mask), laid out as rollout() lays
     out a sampled one. With probability search_share it searches the right query and reads the
@@ -183,7 +191,7 @@ def warmup_example(q: dict, tokenizer, search, rng: random.Random, task: TinyTas
     full_prompt False: the prompt is the question alone, without SPEC's instructions.
     """
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
-    if rng.random() < task.search_share:
+    if rng.random() < search_share:
         first = encode(SEARCH.format(**q))
         info = encode(observation(search([QUERY.format(**q)])[0]))
         last = encode(READ.format(**q, value=q["golden_answers"][0]))
@@ -229,20 +237,25 @@ def warmup_loss(model, batch: list[tuple[list, list, list]], pad_id: int) -> tor
 def warm_up(model, tokenizer, questions: list[dict], search, task: TinyTask) -> list[float]:
     """Supervised warm-up on scripted trajectories of `questions`. Returns the loss per step.
 
-    A curriculum, as pretraining runs often start on short sequences: for the first short_steps
-    the prompt is the question alone. What the model must learn first is to copy a name from the
-    question into its query and a value from the passage into its answer; attention finds the
-    one token to copy ~2x sooner among 20 tokens than among SPEC's 120 (measured: the loss leaves
-    its plateau at ~0.7 after ~300 steps instead of 600+). The remaining steps use the real
-    prompt, the one the rollout will use.
+    Two phases, as pretraining runs often start on short sequences:
+    1. short_steps steps with the question alone as the prompt and skill_share (70%) of the
+       trajectories searching. What is hard to learn is copying: the name from the question into
+       the query, the value from the passage into the answer. Among ~20 tokens of context the
+       attention finds the token to copy far sooner than among SPEC's ~120 (measured, 2 layers:
+       the loss leaves its plateau near 0.7 after ~175 steps; with the full prompt from the start
+       it is still at 0.87 after 350).
+    2. The rest with SPEC's prompt, as the rollout will use it, and search_share (30%) searching:
+       the model now searches well when it searches, but decides to 7 times in 10 to guess, so
+       greedy decoding guesses and its EM is chance. That decision is what GRPO has to change.
     """
     rng = random.Random(task.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=task.warmup_lr, weight_decay=0.0)
     model.train()
     losses = []
     for step in (bar := tqdm(range(task.warmup_steps), desc="warm-up")):
-        full_prompt = step >= task.short_steps
-        batch = [warmup_example(q, tokenizer, search, rng, task, full_prompt)
+        learning_skills = step < task.short_steps
+        share = task.skill_share if learning_skills else task.search_share
+        batch = [warmup_example(q, tokenizer, search, rng, share, full_prompt=not learning_skills)
                  for q in rng.sample(questions, task.warmup_batch)]
         loss = warmup_loss(model, batch, tokenizer.pad_token_id)
         loss.backward()
@@ -317,6 +330,7 @@ def save_reward_curve(runs: dict[str, Path], png: Path) -> str:
         ax.plot([r["step"] for r in evals], [r["eval_em"] for r in evals], "o--", color=line.get_color(),
                 label=f"{label}: held-out EM")
     ax.set(xlabel="GRPO step", ylabel="exact match", ylim=(0, 1.02), title="tiny Search-R1")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = png.with_name(png.stem + ".tmp.png")
