@@ -730,7 +730,7 @@ def main(argv: list[str] | None = None):
     rollout_parser.add_argument("--obs-tokens", type=int, default=300, help="tokens of each observation")
     rollout_parser.add_argument("--prompt-tokens", type=int, default=100, help="tokens of each prompt")
     rollout_parser.add_argument("--lengths", choices=["equal", "varied", "both"], default="both",
-                        help="equal: every turn runs to the budget; varied: seeded lengths in [budget/10, budget]")
+                                help="equal: every turn runs to the budget; varied: seeded lengths in [budget/10, budget]")
     rollout_parser.add_argument("--hidden", type=int, default=256, help="random Qwen2: hidden size")
     rollout_parser.add_argument("--layers", type=int, default=4, help="random Qwen2: layers")
     rollout_parser.add_argument("--vocab", type=int, default=4096, help="random Qwen2: vocabulary (ids of the Qwen tokenizer)")

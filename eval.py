@@ -33,6 +33,8 @@ import string
 from collections import Counter
 from pathlib import Path
 
+from rollout import clean_question
+
 # The seven benchmarks of the paper, and the split it reports on (SPEC section 6).
 BENCHMARKS = {
     "nq": "test", "triviaqa": "test", "popqa": "test",                        # single-hop
@@ -151,9 +153,7 @@ METHODS = {"direct": "Direct inference", "rag": "RAG", "search-r1": "Search-R1"}
 
 def baseline_prompt(method: str, question: str, passages: str = "") -> str:
     """The text of a baseline's prompt; the question is cleaned as for SPEC's prompt (strip, "?")."""
-    question = question.strip()
-    if not question.endswith("?"):
-        question += "?"
+    question = clean_question(question)
     if method == "direct":
         return DIRECT_PROMPT.format(question=question)
     return RAG_PROMPT.format(question=question, passages=passages.strip())

@@ -72,12 +72,15 @@ INVALID_ACTION = (
 _TAIL = max(len(s) for s in STOP_STRINGS)
 
 
+def clean_question(question: str) -> str:
+    """The question as SPEC section 2 puts it in a prompt: stripped, ending in "?"."""
+    question = question.strip()
+    return question if question.endswith("?") else question + "?"
+
+
 def build_prompt(question: str, tokenizer, chat: bool) -> list[int]:
     """Token ids of SPEC section 2's prompt; chat models get it as the user message of their template."""
-    question = question.strip()
-    if not question.endswith("?"):
-        question += "?"
-    return encode_prompt(PROMPT_TEMPLATE.format(question=question), tokenizer, chat)
+    return encode_prompt(PROMPT_TEMPLATE.format(question=clean_question(question)), tokenizer, chat)
 
 
 def encode_prompt(text: str, tokenizer, chat: bool) -> list[int]:

@@ -67,6 +67,8 @@ TINY = dict(load_4bit=False, gradient_checkpointing=False, chat="no", steps=20, 
             group_size=5, updates_per_step=2, micro_batch_size=40, lr=1e-3, lora_r=16, lora_alpha=32,
             warmup_ratio=0.0, max_new_tokens=32, topk=1, eval_every=5, eval_size=200,
             eval_batch_size=200, save_every=20, critic_lr=1e-2)
+# --model tiny --algo ppo: n = 1, so 80 questions a step sample the same 80 trajectories as GRPO's 16 x 5
+TINY_PPO = dict(batch_size=80)
 
 
 def opt(default, help):
@@ -476,7 +478,7 @@ def train(cfg: Config) -> dict:
 
 
 def run_tiny(cfg: Config, task=None) -> dict:
-    """`--model tiny`: tiny.py's task end to end -- data, index, warm-up, GRPO through train().
+    """`--model tiny`: tiny.py's task end to end -- data, index, warm-up, GRPO or PPO through train().
 
     task: a tiny.TinyTask (size of the task and of its warm-up); None = the default one."""
     import tiny
@@ -487,7 +489,7 @@ def run_tiny(cfg: Config, task=None) -> dict:
     tokenizer, model = load_policy(cfg, pick_device(cfg))      # LoRA starts at B = 0: the warm-up model
     before = summarize(evaluate(model, tokenizer, load_questions(cfg)[1], make_search(cfg), cfg, desc="eval warm-up"))
     after = train(cfg)
-    print(tiny.before_after_table(before, after))
+    print(tiny.before_after_table(before, after, cfg.algo.upper()))
     print(tiny.save_reward_curve({cfg.algo.upper(): run / "metrics.jsonl"}, run / "reward_curve.png"))
     return {"before": before, "after": after}
 
@@ -680,8 +682,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser(command)
     if add_arguments:
         add_arguments(parser)
-    if parser.parse_known_args(argv)[0].model == "tiny":
-        parser.set_defaults(**TINY)
+    known = parser.parse_known_args(argv)[0]
+    if known.model == "tiny":
+        parser.set_defaults(**{**TINY, **(TINY_PPO if known.algo == "ppo" else {})})
     args = parser.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     try:

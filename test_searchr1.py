@@ -13,6 +13,7 @@ import math
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -1804,16 +1805,55 @@ def test_shared_prefix_warm_up_loss_equals_the_loss_over_full_sequences(small_ta
     torch.testing.assert_close(shared, total / n, rtol=1e-5, atol=1e-5)
 
 
-def test_grpo_through_train_teaches_the_warmed_up_model_to_search(tmp_path):
-    """The chapter's claim on a shorter schedule: searchr1's own loop (rollout, EM reward, GRPO,
-    LoRA) turns a model that guesses into one that searches, and held-out EM follows."""
-    import dataclasses
-    import searchr1
-    cfg = dataclasses.replace(searchr1.Config(), **{
-        **searchr1.TINY, "model": "tiny", "out_dir": str(tmp_path), "steps": 12, "lr": 2e-3,
-        "eval_every": 0, "eval_size": 50, "save_every": 12})
-    task = tiny.TinyTask(entities=100, held_out=50, warmup_steps=450, short_steps=200)
-    result = searchr1.run_tiny(cfg, task)
+def test_model_tiny_with_algo_ppo_samples_as_many_trajectories_a_step_as_grpo(monkeypatch):
+    """`--model tiny` picks the TINY defaults; with --algo ppo (n = 1) TINY_PPO's batch gives the
+    same trajectories a step as GRPO's questions x group; a flag on the command line still wins."""
+    seen = []
+    monkeypatch.setitem(searchr1.COMMANDS, "train", (lambda cfg, args: seen.append(cfg), None, "train"))
+    for argv in (["--model", "tiny"], ["--model", "tiny", "--algo", "ppo"],
+                 ["--model", "tiny", "--algo", "ppo", "--batch-size", "24"]):
+        assert searchr1.main(argv) == 0
+    grpo, ppo, ppo_24 = seen
+    assert grpo.batch_size * grpo.group_size == ppo.batch_size * ppo.group_size == 80
+    assert ppo.group_size == 1 and ppo.lr == grpo.lr and ppo.steps == grpo.steps
+    assert ppo_24.batch_size == 24
+
+
+def test_tiny_prepare_reuses_the_warm_up_of_the_same_task_and_remakes_it_for_another(tmp_path, monkeypatch):
+    """A rerun or --resume of `--model tiny` must find the base its LoRA was trained on, not a new one."""
+    task = tiny.TinyTask(entities=20, held_out=5, warmup_steps=3, short_steps=1, warmup_batch=4, hidden=32)
+    paths = tiny.prepare(tmp_path, task, topk=1)
+    weights = (tmp_path / "warmup" / "model.safetensors").read_bytes()
+    real_warm_up, warm_ups = tiny.warm_up, []
+    monkeypatch.setattr(tiny, "warm_up", lambda *args: warm_ups.append(args) or real_warm_up(*args))
+    assert tiny.prepare(tmp_path, task, topk=1) == paths and warm_ups == []
+    assert (tmp_path / "warmup" / "model.safetensors").read_bytes() == weights
+    tiny.prepare(tmp_path, replace(task, seed=1), topk=1)
+    assert len(warm_ups) == 1 and json.loads((tmp_path / "task.json").read_text())["seed"] == 1
+
+
+LEARNING_TASK = tiny.TinyTask(entities=100, held_out=50, warmup_steps=450, short_steps=200)
+
+
+@pytest.fixture(scope="module")
+def warmed_up_task(tmp_path_factory):
+    """The learning test's task, data to warm-up model, made once: each run copies it and
+    run_tiny finds it finished (task.json), so GRPO and PPO start from the same model."""
+    folder = tmp_path_factory.mktemp("learning") / "task"
+    tiny.prepare(folder, LEARNING_TASK, searchr1.TINY["topk"])
+    return folder
+
+
+@pytest.mark.parametrize("algo, algo_defaults", [("grpo", {}), ("ppo", searchr1.TINY_PPO)])
+def test_rl_through_train_teaches_the_warmed_up_model_to_search(algo, algo_defaults, warmed_up_task, tmp_path):
+    """The chapter's claim on a shorter schedule, for GRPO and for PPO: searchr1's own loop
+    (rollout, EM reward, group or critic baseline, LoRA) turns a model that guesses into one that
+    searches, and held-out EM follows."""
+    cfg = replace(searchr1.Config(), **{
+        **searchr1.TINY, **algo_defaults, "algo": algo, "model": "tiny", "out_dir": str(tmp_path), "steps": 12,
+        "lr": 2e-3, "eval_every": 0, "eval_size": 50, "save_every": 12})
+    shutil.copytree(warmed_up_task, tmp_path / "task")
+    result = searchr1.run_tiny(cfg, LEARNING_TASK)
     before, after = result["before"], result["after"]
     assert before["searches"] < 0.2            # the warm-up guesses ...
     assert after["searches"] > 0.8             # ... GRPO makes it search ...

@@ -1,4 +1,4 @@
-"""A tiny Search-R1 you can train on a CPU: proof that rollout, reward and GRPO add up to learning.
+"""A tiny Search-R1 you can train on a CPU: proof that rollout, reward and GRPO (or PPO) add up to learning.
 
 The other chapters' tests show that each piece does what it says; they cannot show that the
 pieces together teach a model to search. This chapter builds a task in which searching is the only
@@ -19,10 +19,14 @@ way to answer, small enough that all of Search-R1 runs on two CPU cores in about
                     more guesses than searches, so its greedy policy guesses: EM near chance (0.1)
     GRPO            searchr1.train() with the warm-up folder as --model: the same rollout, reward,
                     loss and LoRA as for Qwen2.5-3B
+    PPO             the same with --algo ppo: one response to each of 80 questions a step (the
+                    same 80 trajectories as GRPO's 16 x 5), a critic as the baseline
 
 A guess is right one time in ten; an answer read from the retrieved passage nearly always. Within a
 group of responses to one question the searching ones score higher, so the group advantage
 (r - mean) / std moves probability onto searching -- that decision is what GRPO has to learn.
+PPO has no group: its critic learns the expected reward, and a response that searched and scored
+beats that expectation.
 
 Warm-up trajectories are laid out as the rollout lays out sampled ones: the query runs against the
 real BM25 index, the observation is rollout.observation() of its passages, and the loss covers only
@@ -41,7 +45,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -272,13 +276,19 @@ def prepare(run: Path, task: TinyTask = TinyTask(), topk: int = 3) -> dict:
     """Write data, corpus, index, tokenizer and warm-up model under `run`; returns their paths.
 
     run/data/{corpus,train,test}.jsonl, run/index/ (BM25), run/warmup/ (model + tokenizer, in
-    Hugging Face format: searchr1.train() loads it like any hub model).
+    Hugging Face format: searchr1.train() loads it like any hub model). run/task.json, written
+    last, names the task they were made for: a rerun of the same task (or --resume) reuses them,
+    so a resumed run's LoRA goes back onto the very base it was trained on.
     """
-    data = run / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    corpus, train, test = make_knowledge_base(task)
+    data, done = run / "data", run / "task.json"
     paths = {"corpus": data / "corpus.jsonl", "train_data": data / "train.jsonl",
              "eval_data": data / "test.jsonl", "index_dir": run / "index", "model": run / "warmup"}
+    settings = json.dumps({**asdict(task), "topk": topk}, sort_keys=True)
+    if done.is_file() and done.read_text() == settings:
+        return {key: str(path) for key, path in paths.items()}
+    done.unlink(missing_ok=True)  # from here until it is rewritten, the folder holds no finished task
+    data.mkdir(parents=True, exist_ok=True)
+    corpus, train, test = make_knowledge_base(task)
     write_jsonl(paths["corpus"], corpus)
     write_jsonl(paths["train_data"], train)
     write_jsonl(paths["eval_data"], test)
@@ -294,14 +304,15 @@ def prepare(run: Path, task: TinyTask = TinyTask(), topk: int = 3) -> dict:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(paths["model"], ignore_errors=True)
     os.replace(tmp, paths["model"])
+    write_atomic(done, settings)
     return {key: str(path) for key, path in paths.items()}
 
 
 # ----------------------------------------------------------------------------- reporting
-def before_after_table(before: dict, after: dict) -> str:
-    """The held-out results of the warm-up model and of the GRPO-trained one, as a text table."""
+def before_after_table(before: dict, after: dict, algo: str = "GRPO") -> str:
+    """The held-out results of the warm-up model and of the RL-trained one, as a text table."""
     lines = [f"{'held-out, greedy':<20}{'EM':>8}{'searches/question':>20}{'answer rate':>14}"]
-    for name, r in (("warm-up (before)", before), ("after GRPO", after)):
+    for name, r in (("warm-up (before)", before), (f"after {algo}", after)):
         lines.append(f"{name:<20}{r['em']:>8.3f}{r['searches']:>20.2f}{r['answered']:>14.3f}")
     return "\n".join(lines)
 
@@ -325,12 +336,12 @@ def save_reward_curve(runs: dict[str, Path], png: Path) -> str:
     except ImportError:
         return "\n".join(summary + ["(matplotlib not installed: no PNG written)"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, rows in curves.items():
+    for i, (label, rows) in enumerate(curves.items()):
         line, = ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label=f"{label}: reward")
         evals = [r for r in rows if "eval_em" in r]
-        ax.plot([r["step"] for r in evals], [r["eval_em"] for r in evals], "o--", color=line.get_color(),
-                label=f"{label}: held-out EM")
-    ax.set(xlabel="GRPO step", ylabel="exact match", ylim=(0, 1.02), title="tiny Search-R1")
+        ax.plot([r["step"] for r in evals], [r["eval_em"] for r in evals], "os^"[i % 3] + "--",
+                markersize=8 - 2 * (i % 3), color=line.get_color(), label=f"{label}: held-out EM")  # equal EMs stay visible
+    ax.set(xlabel="step", ylabel="exact match", ylim=(0, 1.02), title="tiny Search-R1")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -339,3 +350,17 @@ def save_reward_curve(runs: dict[str, Path], png: Path) -> str:
     plt.close(fig)
     os.replace(tmp, png)
     return "\n".join(summary + [f"reward curve: {png}"])
+
+
+if __name__ == "__main__":  # several runs' curves in one figure, e.g. GRPO beside PPO
+    import argparse
+    parser = argparse.ArgumentParser(description="Draw the training reward and held-out EM of tiny runs in "
+                                     "one figure: python tiny.py docs/tiny-grpo-ppo.png runs/tiny runs/tiny-ppo")
+    parser.add_argument("png", help="the figure to write")
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (with metrics.jsonl and config.json)")
+    args = parser.parse_args()
+    if missing := [str(run / name) for run in args.runs for name in ("metrics.jsonl", "config.json")
+                   if not (run / name).is_file()]:
+        parser.error(f"missing {', '.join(missing)}; train with python searchr1.py --model tiny first")
+    algo = lambda run: json.loads((run / "config.json").read_text())["algo"].upper()  # the run's Config
+    print(save_reward_curve({f"{run.name} ({algo(run)})": run / "metrics.jsonl" for run in args.runs}, Path(args.png)))
