@@ -20,6 +20,8 @@ Where this departs from Search-R1's released script (veRL):
   a time, with the logits recomputed in backward, so the (B, T, V) logits tensor never exists.
 This module is tensor maths over a model's outputs and imports nothing of ours.
 """
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -124,3 +126,15 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, loss_mask, n_tokens: int | f
              "kl": masked_sum(kl, loss_mask).item(),
              "clip_frac": masked_sum(clipped, loss_mask).item()}
     return loss, stats
+
+
+def mini_batches(micro_batches: list[dict], n_updates: int):
+    """Cut a step's micro-batches into n_updates mini-batches, one optimizer step each.
+
+    Yields (mini_batch, n_tokens): n_tokens counts the train_mask tokens of the whole mini-batch,
+    the denominator of its token mean (grpo_loss, and ppo.py's actor and critic losses).
+    """
+    per_update = math.ceil(len(micro_batches) / n_updates)
+    for u in range(0, len(micro_batches), per_update):
+        mini_batch = micro_batches[u: u + per_update]
+        yield mini_batch, max(sum(mb["train_mask"].sum().item() for mb in mini_batch), 1.0)

@@ -36,12 +36,10 @@ Where this departs from Search-R1's released PPO (veRL):
   penalty uses the plain log-ratio, as veRL's default `kl` estimator does.
 This module is tensor maths over a model's outputs; it imports only grpo.py of ours.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
-from grpo import clipped_policy_loss, low_var_kl, masked_sum, response_states, token_logprobs
+from grpo import clipped_policy_loss, low_var_kl, masked_sum, mini_batches, response_states, token_logprobs
 
 ACTOR, CRITIC = "default", "critic"  # peft adapter names: the policy's (peft's default) and the critic's
 
@@ -181,12 +179,9 @@ def ppo_update(model, optimizer, micro_batches, rewards, cfg, device) -> tuple[d
             mb["ppo_advantages"], mb["returns"] = advantages[row: row + b, :r], returns[row: row + b, :r]
             row += b
 
-    per_update = math.ceil(len(micro_batches) / cfg.updates_per_step)
     sums, grad_norms = {"policy_loss": 0.0, "clip_frac": 0.0, "value_loss": 0.0, "value_clip_frac": 0.0}, []
     actor_params, critic_params = (group["params"] for group in optimizer.param_groups)
-    for u in range(0, len(micro_batches), per_update):
-        mini_batch = micro_batches[u: u + per_update]
-        n_tokens = max(sum(mb["train_mask"].sum().item() for mb in mini_batch), 1.0)
+    for mini_batch, n_tokens in mini_batches(micro_batches, cfg.updates_per_step):
         for mb in mini_batch:
             loss, c_stats = critic_loss(forward(mb, CRITIC), mb["old_values"], mb["returns"],
                                         mb["train_mask"], n_tokens, cfg.value_clip)

@@ -23,7 +23,6 @@ Where this departs from the paper's setup (Jin et al. 2025, arXiv 2503.09516) an
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -41,7 +40,7 @@ from tqdm import tqdm
 from eval import (BENCHMARKS, METHODS, TRAIN_SETS, DataError, baseline_prompt, em_table, exact_match,
                   extract_answer, load_qa, prediction, save_predictions, saved_predictions, summarize,
                   write_atomic)
-from grpo import group_advantages, grpo_loss, token_logprobs
+from grpo import group_advantages, grpo_loss, mini_batches, token_logprobs
 from ppo import CRITIC, add_critic, param_groups, ppo_update
 from retriever import BM25Index, CorpusError, format_passages
 from rollout import RolloutConfig, build_prompt, encode_prompt, rollout
@@ -294,11 +293,8 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
     if cfg.algo == "ppo":  # the critic is the baseline: token rewards -> GAE -> actor and critic steps
         sums, grad_norms, batch_stats = ppo_update(model, optimizer, micro_batches, rewards, cfg, device)
     else:
-        per_update = math.ceil(len(micro_batches) / cfg.updates_per_step)
         sums, grad_norms, batch_stats = {"policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}, [], {}
-        for u in range(0, len(micro_batches), per_update):
-            mini_batch = micro_batches[u: u + per_update]
-            n_tokens = max(sum(mb["train_mask"].sum().item() for mb in mini_batch), 1.0)
+        for mini_batch, n_tokens in mini_batches(micro_batches, cfg.updates_per_step):
             for mb in mini_batch:
                 logp = micro_batch_logprobs(model, mb, device, cfg.temperature)     # (b, R), with grad
                 loss, stats = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"].to(device),
@@ -355,20 +351,19 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler):
                 "step": step}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest = root / "latest.json"
-    (root / "latest.json.tmp").write_text(json.dumps({"step": step, "path": final.name}))
-    os.replace(root / "latest.json.tmp", latest)
+    write_atomic(root / "latest.json", json.dumps({"step": step, "path": final.name}))
     for old in root.glob("step-*"):                  # keep the newest checkpoint only
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_adapter(model, folder: Path):
-    """Put the LoRA weights saved in `folder` (peft's adapter_model.safetensors) into `model`."""
+def load_adapter(model, folder: Path, adapter: str = "default"):
+    """Put the LoRA weights saved in `folder` (peft's adapter_model.safetensors) into `model`'s
+    adapter named `adapter` (the policy's, or PPO's critic)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
-    missing = [key for key in result.missing_keys if "lora_" in key and f".{CRITIC}." not in key]  # PPO: loaded apart
+    result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"), adapter_name=adapter)
+    missing = [key for key in result.missing_keys if "lora_" in key and f".{adapter}." in key]  # this adapter's
     if missing or result.unexpected_keys:
         raise UsageError(f"{folder}: the adapter does not fit this model ({len(missing)} LoRA weights "
                          f"missing, {len(result.unexpected_keys)} unexpected): was it trained on another base?")
@@ -382,9 +377,8 @@ def load_checkpoint(run: Path, model, optimizer, scheduler) -> int:
     ckpt = run / "checkpoints" / json.loads(latest.read_text())["path"]
     load_adapter(model, ckpt)
     if CRITIC in model.peft_config:  # PPO: the critic adapter (peft's subfolder) and the value head
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
-        set_peft_model_state_dict(model, load_file(ckpt / CRITIC / "adapter_model.safetensors"), adapter_name=CRITIC)
+        load_adapter(model, ckpt / CRITIC, CRITIC)
         model.value_head.load_state_dict(load_file(ckpt / "value_head.safetensors"))
     # weights_only: the unpickler accepts tensors and plain containers only, never code
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
