@@ -336,45 +336,6 @@ def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base
     assert not torch.allclose(logp[in_loss], ref_logp[in_loss], atol=1e-3)
 
 
-def straight_and_resumed_runs(straight, crashed, monkeypatch):
-    """Train `straight` for its steps; train `crashed` until its second step dies, then --resume it.
-
-    Returns both configs and both runs' metrics rows."""
-    searchr1.train(straight)
-    real_step = searchr1.train_step
-    calls = []
-    def crash_on_second_step(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real_step(*args)
-    monkeypatch.setattr(searchr1, "train_step", crash_on_second_step)
-    with pytest.raises(RuntimeError, match="killed"):
-        searchr1.train(crashed)
-    monkeypatch.setattr(searchr1, "train_step", real_step)
-    searchr1.train(replace(crashed, resume=True))
-    rows = [json.loads(line) for line in (Path(straight.out_dir) / "metrics.jsonl").open()]
-    resumed = [json.loads(line) for line in (Path(crashed.out_dir) / "metrics.jsonl").open()]
-    return straight, crashed, rows, resumed
-
-
-@needs_qwen_tokenizer
-def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(tiny_model_dir, tmp_path, monkeypatch):
-    from transformers import AutoTokenizer
-    steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
-    straight, crashed, rows, resumed = straight_and_resumed_runs(
-        tiny_config(tiny_model_dir, tmp_path / "straight"), tiny_config(tiny_model_dir, tmp_path / "crashed"),
-        monkeypatch)
-    assert [r["step"] for r in resumed] == [1, 2]
-    for key in ("reward", "policy_loss", "kl", "grad_norm", "lr"):
-        assert resumed[1][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-9), key
-    assert rows[1]["kl"] > 0  # the step after the first really depends on the restored adapter
-    from safetensors.torch import load_file
-    a = load_file(Path(straight.out_dir) / "checkpoints" / "step-000002" / "adapter_model.safetensors")
-    b = load_file(Path(crashed.out_dir) / "checkpoints" / "step-000002" / "adapter_model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-
-
 # ============================================================================ retriever.py
 ROWS = [  # Search-R1's format: the title line keeps its quotes, as in wiki-18
     {"id": "0", "contents": '"Apple"\nThe apple is a fruit of the apple tree.'},
@@ -1001,19 +962,49 @@ def test_a_ppo_step_changes_only_the_two_adapters_and_the_value_head(tiny_model_
     assert model.active_adapter == "default"  # the next rollout samples from the policy
 
 
+def straight_and_resumed_runs(straight, crashed, monkeypatch):
+    """Train `straight` for its steps; train `crashed` until its second step dies, then --resume it.
+
+    Returns both configs and both runs' metrics rows."""
+    searchr1.train(straight)
+    real_step = searchr1.train_step
+    calls = []
+    def crash_on_second_step(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_step(*args)
+    monkeypatch.setattr(searchr1, "train_step", crash_on_second_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        searchr1.train(crashed)
+    monkeypatch.setattr(searchr1, "train_step", real_step)
+    searchr1.train(replace(crashed, resume=True))
+    rows = [json.loads(line) for line in (Path(straight.out_dir) / "metrics.jsonl").open()]
+    resumed = [json.loads(line) for line in (Path(crashed.out_dir) / "metrics.jsonl").open()]
+    return straight, crashed, rows, resumed
+
+
 @needs_qwen_tokenizer
-def test_resumed_ppo_run_takes_the_same_next_step_as_an_uninterrupted_one(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("make_config, logged, saved", [
+    (tiny_config, ("reward", "policy_loss", "kl", "grad_norm", "lr"), ("adapter_model.safetensors",)),
+    (ppo_config, ("reward", "policy_loss", "value_loss", "explained_variance", "value_clip_frac", "kl", "grad_norm"),
+     ("adapter_model.safetensors", "critic/adapter_model.safetensors", "value_head.safetensors")),
+], ids=["grpo", "ppo"])
+def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(make_config, logged, saved, tiny_model_dir,
+                                                                       tmp_path, monkeypatch):
+    """Killed in its second step and resumed, a run logs and saves what the uninterrupted run does:
+    the policy adapter, and for PPO the critic adapter and value head too."""
     from transformers import AutoTokenizer
     steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
     straight, crashed, rows, resumed = straight_and_resumed_runs(
-        ppo_config(tiny_model_dir, tmp_path / "straight"), ppo_config(tiny_model_dir, tmp_path / "crashed"),
+        make_config(tiny_model_dir, tmp_path / "straight"), make_config(tiny_model_dir, tmp_path / "crashed"),
         monkeypatch)
     assert [r["step"] for r in resumed] == [1, 2]
-    for key in ("reward", "policy_loss", "value_loss", "explained_variance", "value_clip_frac", "kl", "grad_norm"):
+    for key in logged:
         assert resumed[1][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-9), key
-    assert rows[1]["kl"] > 0  # the second step really starts from the restored actor
+    assert rows[1]["kl"] > 0  # the step after the first really depends on the restored adapter
     from safetensors.torch import load_file
-    for name in ("adapter_model.safetensors", "critic/adapter_model.safetensors", "value_head.safetensors"):
+    for name in saved:
         a = load_file(Path(straight.out_dir) / "checkpoints" / "step-000002" / name)
         b = load_file(Path(crashed.out_dir) / "checkpoints" / "step-000002" / name)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
@@ -1856,5 +1847,5 @@ def test_rl_through_train_teaches_the_warmed_up_model_to_search(algo, algo_defau
     result = searchr1.run_tiny(cfg, LEARNING_TASK)
     before, after = result["before"], result["after"]
     assert before["searches"] < 0.2            # the warm-up guesses ...
-    assert after["searches"] > 0.8             # ... GRPO makes it search ...
+    assert after["searches"] > 0.8             # ... RL makes it search ...
     assert after["em"] >= before["em"] + 0.3   # ... and answer held-out questions right

@@ -283,9 +283,10 @@ def prepare(run: Path, task: TinyTask = TinyTask(), topk: int = 3) -> dict:
     data, done = run / "data", run / "task.json"
     paths = {"corpus": data / "corpus.jsonl", "train_data": data / "train.jsonl",
              "eval_data": data / "test.jsonl", "index_dir": run / "index", "model": run / "warmup"}
+    result = {key: str(path) for key, path in paths.items()}
     settings = json.dumps({**asdict(task), "topk": topk}, sort_keys=True)
-    if done.is_file() and done.read_text() == settings:
-        return {key: str(path) for key, path in paths.items()}
+    if done.is_file() and done.read_text() == settings and paths["model"].is_dir():
+        return result
     done.unlink(missing_ok=True)  # from here until it is rewritten, the folder holds no finished task
     data.mkdir(parents=True, exist_ok=True)
     corpus, train, test = make_knowledge_base(task)
@@ -305,11 +306,11 @@ def prepare(run: Path, task: TinyTask = TinyTask(), topk: int = 3) -> dict:
     shutil.rmtree(paths["model"], ignore_errors=True)
     os.replace(tmp, paths["model"])
     write_atomic(done, settings)
-    return {key: str(path) for key, path in paths.items()}
+    return result
 
 
 # ----------------------------------------------------------------------------- reporting
-def before_after_table(before: dict, after: dict, algo: str = "GRPO") -> str:
+def before_after_table(before: dict, after: dict, algo: str) -> str:
     """The held-out results of the warm-up model and of the RL-trained one, as a text table."""
     lines = [f"{'held-out, greedy':<20}{'EM':>8}{'searches/question':>20}{'answer rate':>14}"]
     for name, r in (("warm-up (before)", before), (f"after {algo}", after)):
