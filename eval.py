@@ -33,8 +33,6 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from rollout import clean_question
-
 # The seven benchmarks of the paper, and the split it reports on (SPEC section 6).
 BENCHMARKS = {
     "nq": "test", "triviaqa": "test", "popqa": "test",                        # single-hop
@@ -90,7 +88,7 @@ def token_f1(prediction: str | None, golden_answers: list[str]) -> float:
 
 
 class DataError(ValueError):
-    """A QA or corpus file that cannot be used; the message names the file and line."""
+    """A QA file that cannot be used; the message names the file and line."""
 
 
 def read_qa_file(path: str | Path) -> list[dict]:
@@ -149,6 +147,12 @@ RAG_PROMPT = ("Answer the given question using the documents below. Provide the 
               "</answer>, without detailed illustrations. For example, <answer> Beijing </answer>.\n"
               "Documents:\n{passages}\nQuestion: {question}\n")
 METHODS = {"direct": "Direct inference", "rag": "RAG", "search-r1": "Search-R1"}  # flag -> table row
+
+
+def clean_question(question: str) -> str:
+    """A question as SPEC section 2 puts it in a prompt: stripped, ending in "?"."""
+    question = question.strip()
+    return question if question.endswith("?") else question + "?"
 
 
 def baseline_prompt(method: str, question: str, passages: str = "") -> str:

@@ -125,6 +125,12 @@ def split_contents(contents: str) -> tuple[str, str]:
     return title, text
 
 
+def make_hit(passage_id: str, contents: str, score: float) -> dict:
+    """One search hit, as BM25Index.search and search_api.RemoteIndex.search return it."""
+    title, text = split_contents(contents)
+    return {"id": passage_id, "contents": contents, "title": title, "text": text, "score": score}
+
+
 def format_passages(hits: list[dict]) -> str:
     """The observation text of SPEC.md section 3 (without the <information> tags)."""
     return "".join(f"Doc {i}(Title: {hit['title']}) {hit['text']}\n"
@@ -230,8 +236,5 @@ class BM25Index:
         for score, address in self._searcher.search(tantivy.Query.boolean_query(should), limit=k,
                                                     count=False).hits:
             passage = self._searcher.doc(address)
-            contents = passage.get_first("contents")
-            title, text = split_contents(contents)
-            hits.append({"id": passage.get_first("id"), "contents": contents,
-                         "title": title, "text": text, "score": score})
+            hits.append(make_hit(passage.get_first("id"), passage.get_first("contents"), score))
         return hits

@@ -52,6 +52,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from eval import clean_question
+
 PROMPT_TEMPLATE = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get "
     "new information. After reasoning, if you find you lack some knowledge, you can call a search engine by "
@@ -70,12 +72,6 @@ INVALID_ACTION = (
 # Every token a stop string spans holds at least one of its characters, so the last `_TAIL` tokens
 # of a turn contain any stop string that the newest token completes.
 _TAIL = max(len(s) for s in STOP_STRINGS)
-
-
-def clean_question(question: str) -> str:
-    """The question as SPEC section 2 puts it in a prompt: stripped, ending in "?"."""
-    question = question.strip()
-    return question if question.endswith("?") else question + "?"
 
 
 def build_prompt(question: str, tokenizer, chat: bool) -> list[int]:
@@ -110,9 +106,12 @@ class Trajectory:
     logprobs: list[float] = field(default_factory=list)  # log pi(token) at sampled positions; 0.0 at observations
     text: str = ""  # decode of response_ids
     queries: list[str] = field(default_factory=list)  # the searches that were run, in order
-    n_searches: int = 0  # searches run (= len(queries))
     n_turns: int = 0  # turns sampled, the last one included
     answered: bool = False  # the trajectory ended with an <answer> action
+
+    @property
+    def n_searches(self) -> int:
+        return len(self.queries)
 
 
 def parse_action(text: str) -> tuple[str | None, str]:
@@ -316,7 +315,6 @@ def rollout(
                 raise ValueError(f"search returned {len(results)} results for {len(searching)} queries")
             for r, passages in zip(searching, results):
                 observations[r] = observation(passages)
-                trajs[r].n_searches += 1
         for r, text in observations.items():
             obs = tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.max_obs_tokens]
             trajs[r].response_ids += obs

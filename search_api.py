@@ -21,7 +21,7 @@ object alone. Search-R1's own servers send `contents` with id (dense) or title/t
 sends all four. A bad request gets a 4xx and {"error": "..."} naming what is wrong.
 
 The client, `RemoteIndex`, reads `contents` only (the one field every Search-R1 server sends) and
-splits it into title and text as the in-process index does (`split_contents`), so `format_passages`
+splits it into title and text as the in-process index does (`retriever.make_hit`), so `format_passages`
 makes the same observation, to the character, whichever side of the socket the passages came from.
 
 Where this departs from Search-R1:
@@ -44,7 +44,7 @@ import traceback
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from retriever import split_contents
+from retriever import make_hit
 
 PATH = "/retrieve"
 DEFAULT_TOPK = 3  # Search-R1's servers are started with --topk 3
@@ -197,9 +197,7 @@ def _hit(item) -> dict:
             and type(item.get("score")) in (int, float)):
         raise ValueError('expected items {"document": {"contents": str, ...}, "score": number}, '
                          f"got {json.dumps(item)[:200]}")
-    title, text = split_contents(document["contents"])
-    return {"id": str(document.get("id", "")), "contents": document["contents"], "title": title,
-            "text": text, "score": float(item["score"])}
+    return make_hit(str(document.get("id", "")), document["contents"], float(item["score"]))
 
 
 def parse_answer(answer, n_queries: int) -> list[list[dict]]:
