@@ -16,7 +16,7 @@ sequences that finished their turn from the batch and writes the cache in place.
 
 Random weights write no stop tags, so what is sampled is forced by a script (rollout's logits hook,
 a LogitsProcessor for generate): each turn is `<search>` + filler + `</search>`, of the length the
-script sets (the last turn's search is not run, as SPEC section 3 says). `--lengths equal` runs every turn
+script sets (the last turn's search is not run, as in Search-R1). `--lengths equal` runs every turn
 to the per-turn budget; `--lengths varied` draws each turn's length from a seeded schedule, as real
 stop strings make them. Both ways must produce the very same tokens; the table says whether they did.
 The pieces (forced_script, script_hook, generate_rollout) are meant for other benchmarks too.
@@ -53,7 +53,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 import searchr1
 from grpo import token_logprobs
 from retriever import format_passages
-from rollout import INVALID_ACTION, RolloutConfig, build_prompt, observation, parse_action, rollout
+from rollout import INVALID_ACTION, RolloutConfig, build_prompt, observation, pad_id, parse_action, rollout
 from searchr1 import clock, peak_memory_gb
 
 LOGPROB_CHUNK = inspect.signature(token_logprobs).parameters["chunk"].default  # positions of logits at a time
@@ -207,7 +207,7 @@ def bench_retriever(args):
 
 
 # ----------------------------------------------------------------------------- rollout
-QWEN_TOKENIZER = Path(__file__).parent.parent / "shared" / "data" / "qwen2.5-tokenizer"
+QWEN_TOKENIZER = Path(__file__).parent / "data" / "qwen2.5-tokenizer"  # shipped with the project (data/README.md)
 
 
 def forced_script(tokenizer, lengths: torch.Tensor, vocab: int, seed: int) -> torch.Tensor:
@@ -263,7 +263,7 @@ class _StopAt(StoppingCriteria):
 def generate_rollout(model, tokenizer, prompts, search, cfg: RolloutConfig, script: torch.Tensor) -> list[list[int]]:
     """The naive multi-turn rollout: per turn, model.generate over every whole history; returns response ids."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     histories = [list(p) for p in prompts for _ in range(cfg.n_samples)]
     responses = [[] for _ in histories]
     going = list(range(len(histories)))
@@ -481,7 +481,7 @@ GPU_TARGETS = {"peak_gb": 20, "steps_in_3h": 60}  # peak memory < 20 GB; >= 60 G
 QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                  intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
                  max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",
-                 bos_token_id=151643, eos_token_id=151643)  # SPEC section 7 and the released config's ids
+                 bos_token_id=151643, eos_token_id=151643)  # Qwen2.5-3B's released config and token ids
 # --tiny: the same vocabulary (every id of the real tokenizer exists), a model of ~10M parameters
 TINY_QWEN2 = dict(QWEN25_3B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 # batch and lengths measured (issue 6) and those of --tiny; a flag given on the command line wins
@@ -563,8 +563,7 @@ def bench_gpu(args) -> dict:
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({threads} thread{'s' * (threads > 1)})"
     architecture = TINY_QWEN2 if args.tiny else QWEN25_3B
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or (QWEN_TOKENIZER if QWEN_TOKENIZER.exists()
-                                                                 else "Qwen/Qwen2.5-3B"))
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     settings = dict(batch_size=args.questions, max_new_tokens=args.tokens_per_turn, seed=args.seed, device=device.type)
     settings.update({key: getattr(args, key) for key in ("group_size", "micro_batch_size", "rollout_batch_size")
                      if getattr(args, key)})
@@ -737,7 +736,8 @@ def main(argv: list[str] | None = None):
     rollout_parser.add_argument("--repeats", type=int, default=1, help="timed runs of each way; the fastest counts")
     rollout_parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     rollout_parser.add_argument("--seed", type=int, default=0)
-    rollout_parser.add_argument("--tokenizer", default=str(QWEN_TOKENIZER) if QWEN_TOKENIZER.exists() else "Qwen/Qwen2.5-3B")
+    rollout_parser.add_argument("--tokenizer", default=str(QWEN_TOKENIZER),
+                                help="a tokenizer folder or hub id (default: the project's data/qwen2.5-tokenizer)")
     rollout_parser.set_defaults(run=bench_rollout)
 
     serve = commands.add_parser("serve", help="queries/s over HTTP (searchr1.py serve) vs in-process")
@@ -776,8 +776,8 @@ def main(argv: list[str] | None = None):
     gpu.add_argument("--profile-rows", type=int, default=25, help="ops the profile shows")
     gpu.add_argument("--threads", type=int, default=None, help="torch CPU threads with --tiny (default: 1)")
     gpu.add_argument("--seed", type=int, default=0)
-    gpu.add_argument("--tokenizer", default=None,
-                     help="default: ../shared/data/qwen2.5-tokenizer when present, else Qwen/Qwen2.5-3B from the hub")
+    gpu.add_argument("--tokenizer", default=str(QWEN_TOKENIZER),
+                     help="a tokenizer folder or hub id (default: the project's data/qwen2.5-tokenizer)")
     gpu.add_argument("--workdir", default=None, help="folder for the random checkpoint (6 GB for 3B)")
     gpu.set_defaults(run=bench_gpu)
 

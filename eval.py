@@ -16,14 +16,14 @@ read from a local file or from the hub dataset RUC-NLPIR/FlashRAG_datasets.
 Evaluation (`python searchr1.py eval`) runs three methods, as the paper compares them (section 4):
     direct      the model answers from what it knows: DIRECT_PROMPT, one turn, no search
     rag         the top-k passages retrieved once with the question go into RAG_PROMPT, one turn
-    search-r1   SPEC's prompt and the multi-turn rollout, searching when the model asks
+    search-r1   Search-R1's prompt and the multi-turn rollout, searching when the model asks
 Each answer is one `prediction` row (question, golden answers, response, extracted answer,
 searches, EM); `summarize` averages rows and `em_table` lays the EMs out as the paper's table.
 
 Where this departs from the reference scorer: Search-R1 scores prompt + response and so needs
 two <answer> matches (its prompt shows the example "<answer> Beijing </answer>"); here only the
 response is scored, where the last match is the model's own answer. The paper does not print its
-baselines' prompts; the two here reuse SPEC's wording and answer format, so that the only thing
+baselines' prompts; the two here reuse Search-R1's wording and answer format, so that the only thing
 that changes between the three methods is where the passages come from.
 """
 import json
@@ -33,7 +33,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
-# The seven benchmarks of the paper, and the split it reports on (SPEC section 6).
+# The seven benchmarks of the paper, and the split it reports on (README: the data).
 BENCHMARKS = {
     "nq": "test", "triviaqa": "test", "popqa": "test",                        # single-hop
     "hotpotqa": "dev", "2wikimultihopqa": "dev", "musique": "dev", "bamboogle": "test",  # multi-hop
@@ -138,7 +138,7 @@ def load_qa(source: str, split: str | None = None) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- evaluation
-# The baselines' prompts: SPEC's answer format (<answer> ... </answer>, scored the same way) without
+# The baselines' prompts: Search-R1's answer format (<answer> ... </answer>, scored the same way) without
 # the search instructions. RAG's passages are the retrieval of the question itself, formatted as
 # in an <information> block (Doc 1(Title: ...) ...). Chat models get them in their chat template.
 DIRECT_PROMPT = ("Answer the given question. Provide the answer inside <answer> and </answer>, without "
@@ -150,13 +150,13 @@ METHODS = {"direct": "Direct inference", "rag": "RAG", "search-r1": "Search-R1"}
 
 
 def clean_question(question: str) -> str:
-    """A question as SPEC section 2 puts it in a prompt: stripped, ending in "?"."""
+    """A question as Search-R1's data code puts it in a prompt: stripped, ending in "?"."""
     question = question.strip()
     return question if question.endswith("?") else question + "?"
 
 
 def baseline_prompt(method: str, question: str, passages: str = "") -> str:
-    """The text of a baseline's prompt; the question is cleaned as for SPEC's prompt (strip, "?")."""
+    """The text of a baseline's prompt; the question is cleaned as for Search-R1's prompt (strip, "?")."""
     question = clean_question(question)
     if method == "direct":
         return DIRECT_PROMPT.format(question=question)

@@ -11,7 +11,10 @@ term of the loss.
     ratio_t  = exp(logp_t - logp_old_t)                                    per sampled token
     L_clip_t = max(-A ratio_t, -A clip(ratio_t, 1 - eps, 1 + eps))        PPO's pessimistic bound
     KL_t     = exp(d_t) - d_t - 1,  d_t = logp_ref_t - logp_t             "k3" / low_var_kl, >= 0
-    loss     = sum_t loss_mask_t (L_clip_t + beta KL_t) / sum_t loss_mask_t   token mean
+    H_t      = -sum_v pi(v) log pi(v)                                     entropy of the next-token softmax
+    loss     = sum_t loss_mask_t (L_clip_t + beta KL_t - c_H H_t) / sum_t loss_mask_t   token mean
+
+beta = 0.001 and c_H = 0.001, as in the reference's GRPO script (c_H is veRL's default entropy_coeff).
 
 Where this departs from Search-R1's released script (veRL):
 - The token mean is taken over the whole mini-batch, not per micro-batch and then averaged, so
@@ -20,8 +23,6 @@ Where this departs from Search-R1's released script (veRL):
   a time, with the logits recomputed in backward, so the (B, T, V) logits tensor never exists.
 This module is tensor maths over a model's outputs and imports nothing of ours.
 """
-import math
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -55,15 +56,21 @@ def response_states(model, input_ids, attention_mask, response_start: int) -> to
     return hidden[:, response_start - 1: -1]                        # (B, R, H)
 
 
-def _chunk_logprobs(hidden, targets, lm_head, temperature: float):
+def _chunk_logprobs(hidden, targets, lm_head, temperature: float, with_entropy: bool):
     logits = lm_head(hidden).float() / temperature                  # (B, c, V)
+    log_z = torch.logsumexp(logits, dim=-1)                         # (B, c)
     # log softmax at the taken token only: logit - logsumexp(logits)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+    if not with_entropy:
+        return logp
+    # H = -sum_v p_v log p_v = log Z - sum_v p_v z_v   (z = logits / T, p = softmax(z))
+    return logp, log_z - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
 
 
 def token_logprobs(model, input_ids, attention_mask, response_start: int,
-                   temperature: float = 1.0, chunk: int = 256) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for the response tokens: (B, T) -> (B, T - response_start).
+                   temperature: float = 1.0, chunk: int = 256, with_entropy: bool = False):
+    """log pi(token_t | tokens_<t) for the response tokens: (B, T) -> (B, T - response_start);
+    with_entropy: also the entropy of each of those next-token distributions, (logp, entropy).
 
     Full-vocabulary logits are the largest tensor of training (Qwen2.5: 151,936 floats a token,
     10 GB for 8 responses of 2,300 tokens), so they are made `chunk` positions at a time and,
@@ -73,10 +80,14 @@ def token_logprobs(model, input_ids, attention_mask, response_start: int,
     hidden = response_states(model, input_ids, attention_mask, response_start)   # (B, R, H)
     targets = input_ids[:, response_start:]                                       # (B, R)
     lm_head = causal_lm(model).get_output_embeddings()
-    pieces = [checkpoint(_chunk_logprobs, h, y, lm_head, temperature, use_reentrant=False)
-              if torch.is_grad_enabled() else _chunk_logprobs(h, y, lm_head, temperature)
+    args = temperature, with_entropy
+    pieces = [checkpoint(_chunk_logprobs, h, y, lm_head, *args, use_reentrant=False)
+              if torch.is_grad_enabled() else _chunk_logprobs(h, y, lm_head, *args)
               for h, y in zip(hidden.split(chunk, dim=1), targets.split(chunk, dim=1))]
-    return torch.cat(pieces, dim=1)                                               # (B, R)
+    if not with_entropy:
+        return torch.cat(pieces, dim=1)                                           # (B, R)
+    logps, entropies = zip(*pieces)
+    return torch.cat(logps, dim=1), torch.cat(entropies, dim=1)                   # (B, R), (B, R)
 
 
 def clipped_policy_loss(logp, old_logp, advantages, clip_eps: float = 0.2):
@@ -104,10 +115,11 @@ def masked_sum(x, mask):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, loss_mask, n_tokens: int | float,
-              clip_eps: float = 0.2, kl_coef: float = 0.001):
+              clip_eps: float = 0.2, kl_coef: float = 0.001, entropy=None, entropy_coef: float = 0.001):
     """The GRPO objective of one micro-batch, as its share of a token mean over `n_tokens`.
 
-    logp, old_logp, ref_logp, loss_mask: (B, R); advantages: (B,), broadcast over tokens.
+    logp, old_logp, ref_logp, loss_mask, entropy: (B, R); advantages: (B,), broadcast over tokens.
+    entropy None: no entropy bonus (and none in the stats).
     n_tokens is the number of loss_mask tokens in the whole mini-batch, so summing this loss
     over the micro-batches gives the mini-batch's token mean (gradient accumulation).
     Returns (loss, stats) with stats as sums over the micro-batch's masked tokens.
@@ -125,16 +137,24 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, loss_mask, n_tokens: int | f
     stats = {"policy_loss": masked_sum(policy_loss, loss_mask).item(),
              "kl": masked_sum(kl, loss_mask).item(),
              "clip_frac": masked_sum(clipped, loss_mask).item()}
+    if entropy is not None:
+        loss, stats["entropy"] = entropy_bonus(loss, entropy, loss_mask, n_tokens, entropy_coef)
     return loss, stats
 
 
-def mini_batches(micro_batches: list[dict], n_updates: int):
-    """Cut a step's micro-batches into n_updates mini-batches, one optimizer step each.
+def entropy_bonus(loss, entropy, loss_mask, n_tokens, entropy_coef: float):
+    """loss - c_H sum_t mask_t H_t / n_tokens: rewards keeping the policy's distribution spread.
+
+    Returns the new loss and the entropy's sum over masked tokens (for the logs)."""
+    entropy_sum = masked_sum(entropy, loss_mask)
+    return loss - entropy_coef * entropy_sum / n_tokens, entropy_sum.item()
+
+
+def mini_batches(updates: list[list[dict]]):
+    """A step's mini-batches (each a list of micro-batches, one optimizer step), with their token counts.
 
     Yields (mini_batch, n_tokens): n_tokens counts the train_mask tokens of the whole mini-batch,
     the denominator of its token mean (grpo_loss, and ppo.py's actor and critic losses).
     """
-    per_update = math.ceil(len(micro_batches) / n_updates)
-    for u in range(0, len(micro_batches), per_update):
-        mini_batch = micro_batches[u: u + per_update]
+    for mini_batch in updates:
         yield mini_batch, max(sum(mb["train_mask"].sum().item() for mb in mini_batch), 1.0)

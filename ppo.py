@@ -10,7 +10,7 @@ runs PPO with one response per question (n = 1) and puts the KL to the reference
     A_t      = delta_t + gamma lambda A_t+1                  GAE; gamma = lambda = 1: A_t = G_t - V(s_t)
     G_t      = A_t + V(s_t)                                  the critic's target (returns)
     A_t      <- (A_t - mean(A)) / sqrt(var(A) + 1e-8)        whitened over trained tokens only
-    L_actor  = token mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))   grpo.clipped_policy_loss
+    L_actor  = token mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) - c_H H   grpo.py's terms
     L_critic = token mean of 1/2 max((V - G)^2, (V_clip - G)^2),  V_clip = V_old + clip(V - V_old, +-c)
 
 Retrieved-token masking: tokens the search engine inserted carry no reward, and GAE skips them:
@@ -39,7 +39,8 @@ This module is tensor maths over a model's outputs; it imports only grpo.py of o
 import torch
 import torch.nn.functional as F
 
-from grpo import clipped_policy_loss, low_var_kl, masked_sum, mini_batches, response_states, token_logprobs
+from grpo import (clipped_policy_loss, entropy_bonus, low_var_kl, masked_sum, mini_batches, response_states,
+                  token_logprobs)
 
 ACTOR, CRITIC = "default", "critic"  # peft adapter names: the policy's (peft's default) and the critic's
 
@@ -114,15 +115,20 @@ def whiten(x, mask, eps: float = 1e-8):
     return torch.where(in_loss, (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
 
 
-def actor_loss(logp, old_logp, advantages, mask, n_tokens, clip_eps: float = 0.2):
-    """The clipped surrogate with per-token advantages, as its share of a token mean over n_tokens.
+def actor_loss(logp, old_logp, advantages, mask, n_tokens, clip_eps: float = 0.2, entropy=None,
+               entropy_coef: float = 0.001):
+    """The clipped surrogate with per-token advantages, minus the entropy bonus, as its share of a
+    token mean over n_tokens.
 
-    logp, old_logp, advantages, mask: (B, R). No KL term: PPO has it in the reward.
+    logp, old_logp, advantages, mask, entropy: (B, R). No KL term: PPO has it in the reward.
     """
     old_logp = torch.where(mask.bool(), old_logp, logp.detach())   # outside the mask: ratio 1
     policy_loss, clipped = clipped_policy_loss(logp, old_logp, advantages, clip_eps)
-    return masked_sum(policy_loss, mask) / n_tokens, {
-        "policy_loss": masked_sum(policy_loss, mask).item(), "clip_frac": masked_sum(clipped, mask).item()}
+    loss = masked_sum(policy_loss, mask) / n_tokens
+    stats = {"policy_loss": masked_sum(policy_loss, mask).item(), "clip_frac": masked_sum(clipped, mask).item()}
+    if entropy is not None:
+        loss, stats["entropy"] = entropy_bonus(loss, entropy, mask, n_tokens, entropy_coef)
+    return loss, stats
 
 
 def critic_loss(values, old_values, returns, mask, n_tokens, value_clip: float = 0.5):
@@ -147,17 +153,21 @@ def explained_variance(values, returns, mask) -> float:
     return (1 - (returns - values)[in_loss].var() / var_returns).item() if var_returns > 0 else float("nan")
 
 
-def ppo_update(model, optimizer, micro_batches, rewards, cfg, device) -> tuple[dict, list[float], dict]:
+def ppo_update(model, optimizer, updates, rewards, cfg, device) -> tuple[dict, list[float], dict]:
     """Critic values -> token rewards -> GAE -> whitening -> actor and critic steps, per mini-batch.
 
-    micro_batches: from searchr1.train_step, with old_logp, ref_logp, train_mask; rewards: (N,)
-    outcomes in the same order. Returns (token sums of the stats, actor grad norms, batch stats).
+    updates: mini-batches of micro-batches from searchr1.train_step, with old_logp, ref_logp,
+    train_mask; rewards: (N,) outcomes in the same order. Returns (token sums of the stats, actor
+    grad norms, batch stats).
     """
-    def forward(mb, adapter):  # log-probs under the actor, values under the critic: (b, R)
+    def forward(mb, adapter):  # log-probs and entropies under the actor, values under the critic: (b, R)
         model.set_adapter(adapter)
         args = mb["input_ids"].to(device), mb["attention_mask"].to(device), mb["response_start"]
-        return token_logprobs(model, *args, cfg.temperature) if adapter == ACTOR else token_values(model, *args)
+        if adapter == ACTOR:
+            return token_logprobs(model, *args, cfg.temperature, with_entropy=True)
+        return token_values(model, *args)
 
+    micro_batches = [mb for mini_batch in updates for mb in mini_batch]
     with torch.no_grad():
         for mb in micro_batches:
             mb["old_values"] = forward(mb, CRITIC)                             # V_old, (b, R)
@@ -179,15 +189,17 @@ def ppo_update(model, optimizer, micro_batches, rewards, cfg, device) -> tuple[d
             mb["ppo_advantages"], mb["returns"] = advantages[row: row + b, :r], returns[row: row + b, :r]
             row += b
 
-    sums, grad_norms = {"policy_loss": 0.0, "clip_frac": 0.0, "value_loss": 0.0, "value_clip_frac": 0.0}, []
+    sums = {"policy_loss": 0.0, "entropy": 0.0, "clip_frac": 0.0, "value_loss": 0.0, "value_clip_frac": 0.0}
+    grad_norms = []
     actor_params, critic_params = (group["params"] for group in optimizer.param_groups)
-    for mini_batch, n_tokens in mini_batches(micro_batches, cfg.updates_per_step):
+    for mini_batch, n_tokens in mini_batches(updates):
         for mb in mini_batch:
             loss, c_stats = critic_loss(forward(mb, CRITIC), mb["old_values"], mb["returns"],
                                         mb["train_mask"], n_tokens, cfg.value_clip)
             loss.backward()  # before the adapter changes: checkpointed layers recompute under it
-            loss, a_stats = actor_loss(forward(mb, ACTOR), mb["old_logp"], mb["ppo_advantages"],
-                                       mb["train_mask"], n_tokens, cfg.clip_eps)
+            logp, entropy = forward(mb, ACTOR)
+            loss, a_stats = actor_loss(logp, mb["old_logp"], mb["ppo_advantages"], mb["train_mask"], n_tokens,
+                                       cfg.clip_eps, entropy, cfg.entropy_coef)
             loss.backward()
             for key, value in {**c_stats, **a_stats}.items():
                 sums[key] += value

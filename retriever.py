@@ -1,7 +1,7 @@
 """The search engine: BM25 over a Search-R1 corpus, served by tantivy.
 
 When the policy writes `<search> query </search>`, the rollout calls `BM25Index.search` and puts
-the top-3 passages, formatted by `format_passages`, back into the context (SPEC.md section 3).
+the top-3 passages, formatted by `format_passages`, back into the context.
 
 BM25, in Lucene's form, which tantivy implements. For a query with terms t and a passage d:
 
@@ -12,12 +12,12 @@ tf(t,d) = times t occurs in d, |d| = tokens in d, avgdl = mean |d|, N = passages
 containing t. k1 = 1.2 sets how fast repeating a term stops paying; b = 0.75 how much a long
 passage is penalized. A term repeated in the query counts once per repeat.
 
-Why tantivy (a Rust engine with Python bindings): measured on 2 cores (notes/retrieval-engines.md),
-256 queries, top-3 — at 100k passages rank-bm25 answers 6 queries/s, bm25s 132, tantivy 8,981; at
-1M passages tantivy builds in 20 s and answers 1,192 queries/s in 1.3 GB (bm25s: 10 queries/s,
-3.7 GB). rank-bm25 and bm25s score every passage that holds a query term; tantivy skips blocks of
-passages that cannot reach the top-k (block-max WAND) and memory-maps its index, so a GRPO step's
-few hundred queries per turn stay cheap on wiki-18's 21M passages.
+Why tantivy (a Rust engine with Python bindings): `python bench.py retriever` on 2 cores (README's
+table), 256 queries a batch, top-3 — at 100k passages rank-bm25 answers 5.1 queries/s, tantivy
+8,289; at 1M passages tantivy builds in 41 s and answers 1,580 queries/s at a peak RSS of 0.71 GB
+(rank-bm25: 0.5 queries/s, 6.2 GB). rank-bm25 scores every passage that holds a query term;
+tantivy skips blocks of passages that cannot reach the top-k (block-max WAND) and memory-maps its
+index, so a GRPO step's few hundred queries per turn stay cheap on wiki-18's 21M passages.
 
 Tokens: split on every non-alphanumeric character, lowercase, drop English stopwords (tantivy's
 33-word list: "a", "the", "of", ...). `ANALYZER` does this for passages (registered on the index)
@@ -132,7 +132,8 @@ def make_hit(passage_id: str, contents: str, score: float) -> dict:
 
 
 def format_passages(hits: list[dict]) -> str:
-    """The observation text of SPEC.md section 3 (without the <information> tags)."""
+    """The passages as an observation shows them (without the <information> tags): one
+    `Doc i(Title: title) text` line per passage, i from 1."""
     return "".join(f"Doc {i}(Title: {hit['title']}) {hit['text']}\n"
                    for i, hit in enumerate(hits, start=1)).strip()
 

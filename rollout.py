@@ -1,6 +1,6 @@
 """Chapter 2 — the rollout: a policy that thinks, searches, reads and answers, one batch at a time.
 
-Search-R1 (SPEC.md sections 2-3) trains on trajectories made like this:
+Search-R1 trains on trajectories made like this (README: the reference recipe):
 
     prompt -> the model samples a turn: <think> ... </think> <search> query </search>
            -> the search engine answers: <information> Doc 1(...) ... </information>
@@ -14,7 +14,9 @@ What a trajectory keeps, and the masks
     response_ids  every token after the prompt: sampled turns and observations, interleaved.
     loss_mask     1 = a token the policy sampled and is trained on; 0 = an observation token (retrieved
                   passages or the invalid-action message). The paper's "retrieved-token masking".
-    logprobs      log pi(token) under softmax(logits / T) at sampled positions, 0.0 at observations.
+    logprobs      log pi(token) under the full softmax(logits / T) at sampled positions, 0.0 at
+                  observations: what the sampler saw. Training does not read them (it recomputes pi_old
+                  in its own pass, as the reference does); a test checks they equal that pass.
 The sampled tokens are kept exactly as sampled. Stop strings are found on decoded text — they can
 span tokens or end inside one (Qwen writes "query</search>\\n" as `query`,`</`,`search`,`>\\n`) — and
 the turn is cut right after the token that completes them; text is never re-tokenized, so each
@@ -28,20 +30,17 @@ The decode loop and its KV cache
     (`_Slab`), so a step writes its keys and values in place instead of copying the whole cache
     (Hugging Face's DynamicCache concatenates). A sequence that ends its turn leaves the batch at once:
     its real cache slots are set aside and a still-sampling row from the end of the batch moves into
-    its place, so finished sequences cost no compute (measured on the CPU with varied turn lengths:
-    about 15% less CPU time than keeping them in the batch). When the turn is over, the sequences
+    its place, so finished sequences cost no compute. When the turn is over, the sequences
     that go on are regrouped into one batch, right-aligned, and only their new tokens (the turn's last
     sampled token and the observation) are run through the model: the prefix is never computed twice.
 
 Where this departs from the paper's code, and why
     - The paper's engine (vLLM in veRL) starts generation again every turn and prefills the whole
-      history; here one cache is continued (1.6-1.8x the tokens/s of re-prefilling with model.generate
-      on the CPU, more when turn lengths differ: `python bench.py rollout`).
+      history; here one cache is continued (1.8x the tokens/s of re-prefilling with model.generate
+      on the CPU at equal turn lengths, 2.6x when they differ: `python bench.py rollout`, README).
     - The paper decodes the responses and tokenizes the text again; here the sampled tokens are kept
       as they are. So an EOS that ends a turn without an action stays in the response (and is trained
       on, loss_mask 1) before the invalid-action message, where the paper's decode drops it.
-    - Log-probs are recorded while sampling (veRL computes them again in a separate forward pass);
-      with low-precision (e.g. 4-bit) weights the two can differ slightly.
 """
 from __future__ import annotations
 
@@ -75,8 +74,15 @@ _TAIL = max(len(s) for s in STOP_STRINGS)
 
 
 def build_prompt(question: str, tokenizer, chat: bool) -> list[int]:
-    """Token ids of SPEC section 2's prompt; chat models get it as the user message of their template."""
+    """Token ids of Search-R1's prompt for a question: plain text, or (chat) the user message of the
+    tokenizer's chat template, as the reference sends it whenever the tokenizer has one."""
     return encode_prompt(PROMPT_TEMPLATE.format(question=clean_question(question)), tokenizer, chat)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, or 0 where it has none (Llama 3). Padding is
+    always masked out, so any valid id serves."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def encode_prompt(text: str, tokenizer, chat: bool) -> list[int]:
@@ -121,7 +127,7 @@ def parse_action(text: str) -> tuple[str | None, str]:
 
 
 def observation(passages: str) -> str:
-    """The observation that follows a search (SPEC section 3)."""
+    """The observation that follows a search: the passages between <information> tags, blank lines around."""
     return f"\n\n<information>{passages.strip()}</information>\n\n"
 
 
@@ -237,7 +243,7 @@ def rollout(
     """
     device = next(model.parameters()).device
     n_layers = model.config.get_text_config().num_hidden_layers
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     eos = {tokenizer.eos_token_id}
     model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # None, an id or a list
     eos.update(model_eos if isinstance(model_eos, list) else [model_eos])

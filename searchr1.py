@@ -20,7 +20,18 @@ Where this departs from the paper's setup (Jin et al. 2025, arXiv 2503.09516) an
 - Each step reseeds the sampler from (seed, step): a resumed run samples what the
   uninterrupted run would have, so no RNG state has to be saved.
 """
-import argparse
+import sys
+
+
+def require_python(version=sys.version_info) -> None:
+    """searchr1 runs on Python 3.11 or newer (hashlib.file_digest, among others): say so, not a traceback."""
+    if version < (3, 11):
+        sys.exit(f"searchr1 needs Python 3.11 or newer; this is Python {'.'.join(map(str, version[:3]))}")
+
+
+require_python()
+
+import argparse  # noqa: E402 (after the version check: what follows may need 3.11)
 import dataclasses
 import json
 import os
@@ -29,7 +40,6 @@ import re
 import resource
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +53,7 @@ from eval import (BENCHMARKS, METHODS, TRAIN_SETS, DataError, baseline_prompt, e
 from grpo import group_advantages, grpo_loss, mini_batches, token_logprobs
 from ppo import CRITIC, add_critic, param_groups, ppo_update
 from retriever import BM25Index, CorpusError, format_passages
-from rollout import RolloutConfig, build_prompt, encode_prompt, rollout
+from rollout import RolloutConfig, build_prompt, encode_prompt, pad_id, rollout
 from search_api import RemoteIndex, SearchUnavailable, serve
 
 # Short names for the usual models; any hub id or local folder works as --model too.
@@ -57,15 +67,16 @@ MODELS = {
     "llama3.2-3b": "meta-llama/Llama-3.2-3B",
     "llama3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
 }
-WIKI18 = ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz")  # hub dataset, file (SPEC section 6)
+WIKI18 = ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz")  # hub dataset, file (README: the data)
 # `--model tiny` (tiny.py): the defaults of a 0.6M-parameter model trained on a CPU in minutes;
 # flags given on the command line still win. Turns are ~15 tokens, hence the short budget; one
-# passage per fact, ranked first by its query, hence top-1. LoRA lr 1e-3: held-out EM reaches 1.0
-# by step ~10; 3e-3 broke the policy (KL > 1, searching without answering).
-TINY = dict(load_4bit=False, gradient_checkpointing=False, chat="no", steps=20, batch_size=16,
-            group_size=5, updates_per_step=2, micro_batch_size=40, lr=1e-3, lora_r=16, lora_alpha=32,
+# passage per fact, ranked first by its query, hence top-1. 80 trajectories a step in mini-batches
+# of 8: 10 optimizer steps a batch, as in the reference. LoRA lr 3e-4: held-out EM reaches 1.0 by
+# step ~5; 1e-3 (right for 2 optimizer steps a batch) drove the KL above 1 and EM fell back to 0.66.
+TINY = dict(load_4bit=False, gradient_checkpointing=False, steps=20, batch_size=16,
+            group_size=5, mini_batch_size=8, micro_batch_size=40, lr=3e-4, lora_r=16, lora_alpha=32,
             warmup_ratio=0.0, max_new_tokens=32, topk=1, eval_every=5, eval_size=200,
-            eval_batch_size=200, save_every=20, critic_lr=1e-2)
+            eval_batch_size=200, save_every=20, critic_lr=3e-3)
 # --model tiny --algo ppo: n = 1, so 80 questions a step sample the same 80 trajectories as GRPO's 16 x 5
 TINY_PPO = dict(batch_size=80)
 
@@ -86,7 +97,8 @@ class Config:
     search_url: str = opt("", "a Search-R1 retrieval server (http://host:8000/retrieve) searched instead of "
                               "the corpus, e.g. an E5 dense index; empty = in-process BM25")
     out_dir: str = opt("", "run folder (checkpoints, metrics.jsonl); empty = runs/<model>")
-    chat: str = opt("auto", "prompt style: 'auto' (chat template for *instruct* models), 'yes' or 'no'")
+    chat: str = opt("auto", "prompt style: 'auto' (the tokenizer's chat template when it has one, base models "
+                            "included, as the reference does), 'yes' or 'no' (plain text)")
     # --- the policy: QLoRA
     load_4bit: bool = opt(True, "NF4 4-bit base weights (bitsandbytes): 3B fits in ~2 GB instead of ~6")
     lora_r: int = opt(16, "LoRA rank: 16 adapts all projections with ~30M parameters on 3B")
@@ -94,32 +106,37 @@ class Config:
     lora_dropout: float = opt(0.0, "0: dropout would make the trainer's log-probs differ from the sampler's")
     lora_targets: str = opt("all-linear", "modules given adapters: every linear projection, as QLoRA does")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward: ~4x less activation memory")
-    # --- GRPO (SPEC section 5)
+    # --- GRPO (README: the reference recipe)
     steps: int = opt(60, "optimizer steps of a run: ~60 x 64 x 5 trajectories fit ~3 hours on one GPU")
     batch_size: int = opt(64, "questions per step (paper: 512 on 8 GPUs)")
     group_size: int = opt(5, "responses per question, G in the advantage (paper: 5)")
-    updates_per_step: int = opt(2, "mini-batches per batch, each one optimizer step (paper: 512 / 256 = 2)")
+    mini_batch_size: int = opt(32, "trajectories per optimizer step: 64 x 5 / 32 = 10 steps a batch, the "
+                                   "reference's 10 (2,560 / 256)")
     rollout_batch_size: int = opt(16, "questions per rollout call: x group_size x ~2.6k tokens x 36 KB of KV cache (3B)")
     micro_batch_size: int = opt(8, "trajectories per forward/backward; lower it when memory runs out")
     lr: float = opt(2e-5, "AdamW learning rate: LoRA needs ~10-20x the paper's full fine-tuning 1e-6")
-    warmup_ratio: float = opt(0.285, "share of steps with linear warm-up (paper's script), then constant")
+    warmup_ratio: float = opt(0.285, "share of steps with linear warm-up (reference: 0.285), then constant")
+    weight_decay: float = opt(0.01, "AdamW weight decay (reference: 0.01, torch's AdamW default)")
     max_grad_norm: float = opt(1.0, "gradient clipping by global norm")
     clip_eps: float = opt(0.2, "PPO clip range epsilon")
     kl_coef: float = opt(0.001, "beta, weight of the low-variance KL to the reference policy")
+    entropy_coef: float = opt(0.001, "weight of the entropy bonus in the actor loss (reference: 0.001)")
     mask_observations: bool = opt(True, "retrieved-token masking; --no-mask-observations is the paper's ablation")
     # --- PPO (ppo.py): --algo ppo adds a critic and samples one response per question
     algo: str = opt("grpo", "'grpo' (group baseline) or 'ppo' (critic baseline; group_size is then forced to 1, n = 1 as in the paper)")
     critic_lr: float = opt(2e-4, "critic LoRA + value head learning rate: 10x the actor's, the paper's ratio (1e-5 vs 1e-6)")
+    critic_warmup_ratio: float = opt(0.015, "share of steps with linear warm-up of the critic's lr (reference: 0.015)")
     gae_gamma: float = opt(1.0, "GAE discount gamma (paper: 1, the reward comes only at the end)")
     gae_lambda: float = opt(1.0, "GAE lambda (paper: 1: advantage = return - value)")
     value_clip: float = opt(0.5, "how far one update may move a value from the one GAE used (paper: 0.5)")
-    # --- rollout (SPEC section 3)
-    max_turns: int = opt(2, "search turns before the forced final answer turn (released script: 2)")
+    # --- rollout (README: the reference recipe)
+    max_turns: int = opt(2, "search turns before the forced final answer turn (reference: 2 in training, 4 in "
+                            "eval and ask)")
     max_new_tokens: int = opt(500, "tokens the policy may sample in one turn")
     max_obs_tokens: int = opt(500, "tokens of an <information> block before it is truncated")
     topk: int = opt(3, "passages per search")
     temperature: float = opt(1.0, "sampling temperature while training (paper: 1.0)")
-    top_p: float = opt(1.0, "nucleus sampling while training (paper: 1.0)")
+    top_p: float = opt(0.95, "nucleus sampling while training (reference: 0.95); log-probs use the full softmax")
     # --- bookkeeping
     eval_every: int = opt(20, "steps between evaluations on the held-out set (0 = only at the end)")
     eval_size: int = opt(200, "held-out questions evaluated, greedy")
@@ -190,10 +207,13 @@ def load_policy(cfg: Config, device: torch.device):
     return tokenizer, model
 
 
-def uses_chat_template(cfg: Config) -> bool:
-    if cfg.chat == "auto":
-        return "instruct" in cfg.model.lower() or "-chat" in cfg.model.lower()
-    return cfg.chat == "yes"
+def uses_chat_template(cfg: Config, tokenizer) -> bool:
+    """Whether prompts go through the tokenizer's chat template. 'auto' follows the reference's dataset
+    code: the template whenever the tokenizer has one, base models included (Qwen2.5 base ships one)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if cfg.chat == "yes" and not has_template:
+        raise UsageError(f"--chat yes, but the tokenizer of {cfg.model} has no chat template: use --chat no or auto")
+    return has_template if cfg.chat == "auto" else cfg.chat == "yes"
 
 
 def load_questions(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -227,7 +247,7 @@ def make_search(cfg: Config):
 
 
 # ----------------------------------------------------------------------------- one step
-def pack(trajectories, pad_id: int) -> dict:
+def pack(trajectories, pad: int) -> dict:
     """Trajectories -> tensors laid out [left pad | prompt | response | right pad].
 
     input_ids, attention_mask: (B, P + R); loss_mask, response_mask: (B, R), where
@@ -236,7 +256,7 @@ def pack(trajectories, pad_id: int) -> dict:
     P = max(len(t.prompt_ids) for t in trajectories)
     R = max(len(t.response_ids) for t in trajectories)
     B = len(trajectories)
-    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    input_ids = torch.full((B, P + R), pad, dtype=torch.long)
     attention_mask = torch.zeros(B, P + R, dtype=torch.long)
     loss_mask = torch.zeros(B, R)
     for i, t in enumerate(trajectories):
@@ -248,9 +268,14 @@ def pack(trajectories, pad_id: int) -> dict:
             "response_mask": attention_mask[:, P:].float(), "response_start": P}
 
 
-def micro_batch_logprobs(model, mb: dict, device, temperature: float):
+def micro_batch_logprobs(model, mb: dict, device, temperature: float, with_entropy: bool = False):
     return token_logprobs(model, mb["input_ids"].to(device), mb["attention_mask"].to(device),
-                          mb["response_start"], temperature)
+                          mb["response_start"], temperature, with_entropy=with_entropy)
+
+
+def cut(items: list, size: int) -> list[list]:
+    """Consecutive pieces of `size` items (the last may be shorter)."""
+    return [items[i: i + size] for i in range(0, len(items), size)]
 
 
 def clock(device) -> float:
@@ -265,40 +290,45 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
     t0 = clock(device)
     # 1. rollout: G responses per question from the current policy (trajectories prompt-major)
     model.eval()
-    prompts = [build_prompt(q["question"], tokenizer, uses_chat_template(cfg)) for q in questions]
-    trajectories = [t for i in range(0, len(prompts), cfg.rollout_batch_size)   # chunks bound the KV cache
-                    for t in rollout(model, tokenizer, prompts[i: i + cfg.rollout_batch_size], search,
-                                     cfg.rollout_config())]
+    chat = uses_chat_template(cfg, tokenizer)
+    prompts = [build_prompt(q["question"], tokenizer, chat) for q in questions]
+    trajectories = [t for chunk in cut(prompts, cfg.rollout_batch_size)   # chunks bound the KV cache
+                    for t in rollout(model, tokenizer, chunk, search, cfg.rollout_config())]
     t_rollout = clock(device)
     # 2. reward: r = EM(extracted answer, golden answers), 1 or 0
     golden = [q["golden_answers"] for q in questions for _ in range(cfg.group_size)]
     rewards = torch.tensor([exact_match(extract_answer(t.text), g) for t, g in zip(trajectories, golden)])
     # 3. advantages: A_i = (r_i - mean_group) / (std_group + 1e-6), one scalar per trajectory
     advantages = group_advantages(rewards, cfg.group_size)                       # (N,)
-    # 4. micro-batches with pi_old (the policy that sampled) and pi_ref (adapter off) log-probs
-    micro_batches = []
+    # 4. mini-batches of cfg.mini_batch_size trajectories (one optimizer step each), cut into
+    #    micro-batches, with pi_old (the policy that sampled) and pi_ref (adapter off) log-probs
+    updates, pad = [], pad_id(tokenizer)
     with torch.no_grad():
-        for i in range(0, len(trajectories), cfg.micro_batch_size):
-            mb = pack(trajectories[i: i + cfg.micro_batch_size], tokenizer.pad_token_id)
-            mb["advantages"] = advantages[i: i + cfg.micro_batch_size]
-            mb["old_logp"] = micro_batch_logprobs(model, mb, device, cfg.temperature)  # (b, R)
-            with model.disable_adapter():
-                mb["ref_logp"] = micro_batch_logprobs(model, mb, device, cfg.temperature)
-            # retrieved-token masking: train on sampled tokens only, or (ablation) on all of them
-            mb["train_mask"] = (mb["loss_mask"] if cfg.mask_observations else mb["response_mask"]).to(device)
-            micro_batches.append(mb)
+        for mini in cut(list(zip(trajectories, advantages)), cfg.mini_batch_size):
+            mini_batch = []
+            for chunk in cut(mini, cfg.micro_batch_size):
+                mb = pack([t for t, _ in chunk], pad)
+                mb["advantages"] = torch.stack([a for _, a in chunk])                  # (b,)
+                mb["old_logp"] = micro_batch_logprobs(model, mb, device, cfg.temperature)  # (b, R)
+                with model.disable_adapter():
+                    mb["ref_logp"] = micro_batch_logprobs(model, mb, device, cfg.temperature)
+                # retrieved-token masking: train on sampled tokens only, or (ablation) on all of them
+                mb["train_mask"] = (mb["loss_mask"] if cfg.mask_observations else mb["response_mask"]).to(device)
+                mini_batch.append(mb)
+            updates.append(mini_batch)
     t_logprob = clock(device)
     # 5. update: each mini-batch is one optimizer step; its micro-batches accumulate gradients
     model.train()
     if cfg.algo == "ppo":  # the critic is the baseline: token rewards -> GAE -> actor and critic steps
-        sums, grad_norms, batch_stats = ppo_update(model, optimizer, micro_batches, rewards, cfg, device)
+        sums, grad_norms, batch_stats = ppo_update(model, optimizer, updates, rewards, cfg, device)
     else:
-        sums, grad_norms, batch_stats = {"policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}, [], {}
-        for mini_batch, n_tokens in mini_batches(micro_batches, cfg.updates_per_step):
+        sums, grad_norms, batch_stats = {"policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0}, [], {}
+        for mini_batch, n_tokens in mini_batches(updates):
             for mb in mini_batch:
-                logp = micro_batch_logprobs(model, mb, device, cfg.temperature)     # (b, R), with grad
+                logp, entropy = micro_batch_logprobs(model, mb, device, cfg.temperature, with_entropy=True)
                 loss, stats = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"].to(device),
-                                        mb["train_mask"], n_tokens, cfg.clip_eps, cfg.kl_coef)
+                                        mb["train_mask"], n_tokens, cfg.clip_eps, cfg.kl_coef,
+                                        entropy, cfg.entropy_coef)
                 loss.backward()
                 for key in sums:
                     sums[key] += stats[key]
@@ -307,7 +337,7 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     t_end = clock(device)
-    n_trained = sum(mb["train_mask"].sum().item() for mb in micro_batches)
+    n_trained = sum(mb["train_mask"].sum().item() for mini_batch in updates for mb in mini_batch)
     sampled = sum(sum(t.loss_mask) for t in trajectories)
     return {"reward": rewards.mean().item(),
             "searches": sum(t.n_searches for t in trajectories) / len(trajectories),
@@ -324,11 +354,11 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
 def evaluate(model, tokenizer, questions, search, cfg: Config, desc: str = "eval", prompts=None) -> list[dict]:
     """Greedy rollouts, batched: one eval.prediction row per question (eval.summarize averages them).
 
-    prompts(batch of questions) -> their prompt token ids; None = SPEC's Search-R1 prompt.
+    prompts(batch of questions) -> their prompt token ids; None = Search-R1's prompt (rollout.build_prompt).
     """
     model.eval()
-    prompts = prompts or (lambda batch: [build_prompt(q["question"], tokenizer, uses_chat_template(cfg))
-                                         for q in batch])
+    chat = uses_chat_template(cfg, tokenizer)
+    prompts = prompts or (lambda batch: [build_prompt(q["question"], tokenizer, chat) for q in batch])
     predictions = []
     for i in tqdm(range(0, len(questions), cfg.eval_batch_size), desc=desc, leave=False):
         batch = questions[i: i + cfg.eval_batch_size]
@@ -398,6 +428,17 @@ def batch_at(train: list[dict], step: int, cfg: Config) -> list[dict]:
     return [train[j] for j in order[i * cfg.batch_size: (i + 1) * cfg.batch_size].tolist()]
 
 
+def make_scheduler(optimizer, cfg: Config):
+    """Linear warm-up over a share of the steps, then constant (the reference's 'constant' style): the
+    lr of step s is lr x (s + 1) / W for the first W = ratio x steps steps (at least 1). PPO's critic,
+    the second parameter group, has its own shorter warm-up (reference: actor 0.285, critic 0.015)."""
+    def warmup(ratio: float):
+        steps = max(1, int(ratio * cfg.steps))
+        return lambda s: min(1.0, (s + 1) / steps)
+    ratios = [cfg.warmup_ratio, cfg.critic_warmup_ratio][: len(optimizer.param_groups)]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [warmup(ratio) for ratio in ratios])
+
+
 def peak_memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -422,9 +463,8 @@ def train(cfg: Config) -> dict:
     tokenizer, model = load_policy(cfg, device)
     trainable = (param_groups(model, cfg.lr, cfg.critic_lr) if cfg.algo == "ppo"  # actor, critic
                  else [p for p in model.parameters() if p.requires_grad])
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg)
     start = load_checkpoint(run, model, optimizer, scheduler) if cfg.resume else 0
     log_path = run / "metrics.jsonl"
     rows = [json.loads(line) for line in log_path.open()] if cfg.resume and log_path.exists() else []
@@ -508,7 +548,7 @@ def load_agent(cfg: Config, adapter: str, device):
 
 
 def method_prompts(method: str, tokenizer, chat: bool, search):
-    """evaluate's prompts for a method: None (SPEC's prompt) for search-r1, else the baseline's."""
+    """evaluate's prompts for a method: None (Search-R1's prompt) for search-r1, else the baseline's."""
     if method == "search-r1":
         return None
     def prompts(batch):  # RAG: the top-k passages of the question itself, retrieved once
@@ -550,7 +590,8 @@ def command_eval(cfg: Config, args) -> None:
         # the baselines answer in one turn that runs no search: max_turns 0
         run_cfg = cfg if method == "search-r1" else dataclasses.replace(cfg, max_turns=0)
         cells[method, name] = evaluate(model, tokenizer, questions, search, run_cfg, desc=f"{method} {name}",
-                                       prompts=method_prompts(method, tokenizer, uses_chat_template(cfg), search))
+                                       prompts=method_prompts(method, tokenizer, uses_chat_template(cfg, tokenizer),
+                                                              search))
         save_predictions(out / method / f"{name}.json", cell, cells[method, name])
         tqdm.write(f"{method} on {name}: EM {summarize(cells[method, name])['em']:.3f}")
     sizes = ", ".join(f"{name} {len(cells[methods[0], name])}" for name in names)
@@ -564,7 +605,7 @@ def command_eval(cfg: Config, args) -> None:
 def command_ask(cfg: Config, args) -> None:
     """Greedy Search-R1 rollouts of one question at a time, printed as they are sampled."""
     tokenizer, model = load_agent(cfg, args.adapter, pick_device(cfg))
-    search, chat = make_search(cfg), uses_chat_template(cfg)
+    search, chat = make_search(cfg), uses_chat_template(cfg, tokenizer)
 
     def search_and_show(queries):
         results = search(queries)
@@ -629,15 +670,16 @@ def ask_arguments(parser: argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- command line
 def config_parser(command: str) -> argparse.ArgumentParser:
-    """A parser with one --flag per Config field; `--model tiny` switches to the TINY defaults."""
+    """A parser with one --flag per Config field, defaults as the command sets them (COMMAND_DEFAULTS)."""
     parser = argparse.ArgumentParser(prog=f"searchr1.py {command}", description=COMMANDS[command][2])
+    defaults = COMMAND_DEFAULTS.get(command, {})
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default,
-                                help=f"{f.metadata['help']} (default: {f.default})")
+            parser.add_argument(flag, type=type(f.default), default=default,
+                                help=f"{f.metadata['help']} (default: {default})")
     return parser
 
 
@@ -656,6 +698,8 @@ def serve_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free one (default: 8000)")
 
 
+# The reference evaluates with 4 search turns (scripts/nq_hotpotqa/evaluate.sh); it trains with 2.
+COMMAND_DEFAULTS = {"eval": dict(max_turns=4), "ask": dict(max_turns=4)}
 # name -> (function(cfg, args), function adding the command's own arguments or None, description)
 COMMANDS = {
     "train": (command_train, None, "Train a Search-R1 agent with GRPO, or PPO with --algo ppo (the default command)."),

@@ -3,6 +3,8 @@
 Sections follow the chapters: eval.py, grpo.py, searchr1.py training, retriever.py, rollout.py,
 ppo.py, the eval/ask commands, search_api.py, bench.py gpu --tiny, tiny.py."""
 
+import copy
+import dataclasses
 import functools
 import gzip
 import http.client
@@ -47,10 +49,8 @@ from rollout import (_sample, build_prompt, INVALID_ACTION, observation, parse_a
 from search_api import MAX_BODY_BYTES, MAX_QUERIES, RemoteIndex, SearchServer, SearchUnavailable
 
 ROOT = Path(__file__).resolve().parent
-DATA = ROOT.parent / "shared" / "data"  # real files for offline tests; absent in a clone outside this setup
+DATA = ROOT / "data"  # real files for offline tests, shipped with the project (data/README.md)
 QWEN_TOKENIZER = DATA / "qwen2.5-tokenizer"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (real wiki-18 and NQ files) is absent")
-needs_qwen_tokenizer = pytest.mark.skipif(not QWEN_TOKENIZER.exists(), reason=f"{QWEN_TOKENIZER} is absent")
 
 
 # The models here are tiny: with 2 threads, thread hand-offs cost more than they save (10-20x slower
@@ -189,6 +189,18 @@ def test_loss_is_the_token_mean_of_policy_and_kl_terms():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_entropy_bonus_subtracts_its_coefficient_times_the_masked_token_mean_entropy():
+    logp, old, ref, advantages, loss_mask = _loss_inputs(seed=3)
+    entropy = torch.rand(logp.shape, generator=torch.Generator().manual_seed(3)) * 5
+    entropy[~loss_mask.bool()] = float("inf")  # masked positions must not count, whatever they hold
+    n = loss_mask.sum()
+    without, _ = grpo_loss(logp, old, ref, advantages, loss_mask, n)
+    loss, stats = grpo_loss(logp, old, ref, advantages, loss_mask, n, entropy=entropy, entropy_coef=0.01)
+    mean_entropy = entropy[loss_mask.bool()].mean()
+    assert loss.item() == pytest.approx((without - 0.01 * mean_entropy).item(), rel=1e-6)
+    assert stats["entropy"] / n.item() == pytest.approx(mean_entropy.item(), rel=1e-6)
+
+
 def test_micro_batching_does_not_change_the_mini_batch_gradient():
     logp, old, ref, advantages, loss_mask = _loss_inputs(seed=2, B=4)
     n = loss_mask.sum()
@@ -246,6 +258,26 @@ def test_chunked_logprobs_give_the_same_values_and_gradients_as_one_chunk():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked_grads, whole_grads))
 
 
+def test_chunked_entropy_is_the_softmax_entropy_at_temperature_with_the_same_gradient_as_one_chunk():
+    model = tiny_qwen2()
+    g = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(1, 128, (2, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    results = []
+    for chunk in (3, 1000):
+        model.zero_grad()
+        logp, entropy = token_logprobs(model, input_ids, attention_mask, response_start=4, temperature=0.7,
+                                       chunk=chunk, with_entropy=True)                # (2, 8) each
+        (entropy * torch.linspace(-1, 1, 8)).sum().backward()
+        results.append((entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    (chunked, chunked_grads), (whole, whole_grads) = results
+    with torch.no_grad():  # H = -sum_v p_v log p_v of softmax(logits / T), written out
+        log_p = torch.log_softmax(model(input_ids).logits[:, 3:-1] / 0.7, dim=-1)
+        expected = -(log_p.exp() * log_p).sum(-1)
+    assert torch.allclose(chunked, expected, atol=1e-5) and torch.allclose(whole, expected, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked_grads, whole_grads))
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random Qwen2 with the real Qwen2.5 tokenizer, saved like a hub checkpoint."""
@@ -289,14 +321,13 @@ def tiny_config(model_dir, folder, **overrides):
     corpus, qa = write_task(folder)
     settings = dict(model=str(model_dir), train_data=str(qa), eval_data=str(qa), corpus=str(corpus),
                     index_dir=str(folder / "index"), out_dir=str(folder / "run"), device="cpu",
-                    batch_size=2, group_size=4, updates_per_step=2, micro_batch_size=3, lr=1e-2,
+                    batch_size=2, group_size=4, mini_batch_size=4, micro_batch_size=3, lr=1e-2,
                     max_turns=1, max_new_tokens=8, eval_size=2, eval_batch_size=2, steps=2,
                     save_every=1, eval_every=0)
     settings.update(overrides)
     return searchr1.Config(**settings)
 
 
-@needs_qwen_tokenizer
 def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base_as_reference(
         tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_model_dir, tmp_path)
@@ -325,7 +356,8 @@ def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base
     seen.clear()
     searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
     _, fresh = searchr1.load_policy(cfg, torch.device("cpu"))  # a new adapter adds exactly 0 (B = 0)
-    trajectories = searchr1.rollout(model, tokenizer, [searchr1.build_prompt(q["question"], tokenizer, False)
+    chat = searchr1.uses_chat_template(cfg, tokenizer)  # as train_step prompts: Qwen2.5's template
+    trajectories = searchr1.rollout(model, tokenizer, [searchr1.build_prompt(q["question"], tokenizer, chat)
                                                        for q in questions], search, cfg.rollout_config())
     mb = searchr1.pack(trajectories[:3], tokenizer.pad_token_id)
     with torch.no_grad():
@@ -334,6 +366,58 @@ def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base
     in_loss = mask.bool()
     assert torch.allclose(ref_logp[in_loss], base_logp[in_loss], atol=1e-5)
     assert not torch.allclose(logp[in_loss], ref_logp[in_loss], atol=1e-3)
+
+
+@pytest.mark.parametrize("mini_batch_size, micro_batches, optimizer_steps", [
+    (8, [3, 3, 2], 1), (4, [3, 1, 3, 1], 2), (3, [3, 3, 2], 3), (2, [2, 2, 2, 2], 4)])
+def test_each_mini_batch_of_trajectories_is_one_optimizer_step_cut_into_micro_batches(
+        mini_batch_size, micro_batches, optimizer_steps, tiny_model_dir, tmp_path, monkeypatch):
+    # 2 questions x 4 = 8 trajectories a step, micro-batches of 3 (tiny_config)
+    cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False, mini_batch_size=mini_batch_size)
+    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    steered(monkeypatch, tokenizer)
+    seen, steps = [], []
+    def spy(logp, *args):
+        seen.append(len(logp))
+        return grpo_loss(logp, *args)
+    monkeypatch.setattr(searchr1, "grpo_loss", spy)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    monkeypatch.setattr(optimizer, "step", lambda: steps.append(len(seen)))  # micro-batches seen by each step
+    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+    stats = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
+                                torch.device("cpu"))
+    assert seen == micro_batches and len(steps) == optimizer_steps
+    assert sum(seen[:steps[0]]) == min(mini_batch_size, 8)  # the first step saw exactly one mini-batch
+    assert stats["entropy"] > 0  # logged: the token mean of the bonus's entropy
+
+
+def test_a_tokenizer_without_a_pad_token_trains_as_llama3s_does(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False)
+    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    tokenizer.pad_token = None  # Llama 3's tokenizers have none
+    assert tokenizer.pad_token_id is None
+    steered(monkeypatch, tokenizer)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+    stats = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
+                                torch.device("cpu"))
+    assert stats["reward"] == 0.5 and math.isfinite(stats["policy_loss"])
+
+
+def test_the_critic_warms_up_over_its_own_shorter_share_of_the_steps():
+    cfg = searchr1.Config(steps=1000, warmup_ratio=0.285, critic_warmup_ratio=0.015)  # 285 and 15 steps
+    actor, critic = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [actor], "lr": 1.0}, {"params": [critic], "lr": 10.0}])
+    scheduler = searchr1.make_scheduler(optimizer, cfg)
+    lrs = []
+    for _ in range(300):
+        lrs.append(scheduler.get_last_lr())
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx([1 / 285, 10 / 15]) and lrs[14] == pytest.approx([15 / 285, 10.0])
+    assert lrs[284] == pytest.approx([1.0, 10.0]) and lrs[299] == pytest.approx([1.0, 10.0])
+    grpo_only = torch.optim.AdamW([actor], lr=1.0)  # GRPO: one group, the actor's schedule
+    assert searchr1.make_scheduler(grpo_only, cfg).get_last_lr() == pytest.approx([1 / 285])
 
 
 # ============================================================================ retriever.py
@@ -366,8 +450,6 @@ def corpus(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def wiki_index(tmp_path_factory) -> BM25Index:
-    if not DATA.is_dir():
-        pytest.skip(f"{DATA} (real wiki-18 and NQ files) is absent")
     return BM25Index.open(DATA / "wiki18-sample-1000.jsonl", tmp_path_factory.mktemp("wiki"))
 
 
@@ -499,7 +581,6 @@ def test_k_larger_than_the_corpus_returns_every_matching_passage(corpus, tmp_pat
         index.search("apple")
 
 
-@needs_data
 def test_format_passages_is_spec_section_3_on_real_wiki18_passages(wiki_index):
     raw = {row["id"]: row for row in map(json.loads, (DATA / "wiki18-sample-1000.jsonl").open())}
     hits = wiki_index.search(["Evan Morris, lobbyist in Washington"], k=3)[0]
@@ -585,7 +666,6 @@ def test_one_byte_lengths_are_exact_up_to_40_then_rounded_down():
     assert max(length_to_byte(n) for n in range(100_000)) < 256
 
 
-@needs_data
 def test_top3_equals_lucene_bm25_written_in_numpy_on_real_wiki18_and_nq(wiki_index):
     rows = [json.loads(line) for line in (DATA / "wiki18-sample-1000.jsonl").open()]
     questions = [json.loads(line)["question"] for line in (DATA / "nq-test-17.jsonl").open()]
@@ -606,7 +686,8 @@ def test_top3_equals_lucene_bm25_written_in_numpy_on_real_wiki18_and_nq(wiki_ind
 
 
 # ============================================================================ rollout.py
-SPEC_PROMPT = (
+# The reference's strings, byte for byte (README: the reference recipe)
+REFERENCE_PROMPT = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get new "
     "information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
     "query </search> and it will return the top searched results between <information> and </information>. You can "
@@ -614,9 +695,21 @@ SPEC_PROMPT = (
     "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
     "</answer>. Question: {question}\n"
 )
-
-
-SPEC_INVALID = (
+# Qwen2.5's chat template around a user message. The default system line is the instruct models' (the
+# tokenizer in data/); the base models' tokenizers say "You are a helpful assistant." (REFERENCE_CASE_PROMPT)
+QWEN_INSTRUCT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN_CHAT = ("<|im_start|>system\n" + QWEN_INSTRUCT_SYSTEM + "<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+             "<|im_start|>assistant\n")
+# The prompt of the reference's base-model run (Search-R1's example/case.txt), up to the response
+REFERENCE_CASE_PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    + "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get "
+    "new information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
+    "query </search> and it will return the top searched results between <information> and </information>. You can "
+    "search as many times as your want. If you find no further external knowledge needed, you can directly provide "
+    "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
+    "</answer>. Question: paul walkers cars in fast and furious list?\n<|im_end|>\n<|im_start|>assistant\n")
+REFERENCE_INVALID = (
     "\nMy previous action is invalid. If I want to search, I should put the query between <search> and </search>. "
     "If I want to give the final answer, I should put the answer between <answer> and </answer>. Let me try again.\n"
 )
@@ -624,10 +717,7 @@ SPEC_INVALID = (
 
 @pytest.fixture(scope="module")
 def tok():
-    path = DATA / "qwen2.5-tokenizer"
-    if not path.exists():
-        pytest.skip(f"the Qwen2.5 tokenizer is not at {path} (only in the project's offline setup)")
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
 
 
 @pytest.fixture(scope="module")
@@ -666,19 +756,59 @@ def prompts_for(tok, questions):
     return [build_prompt(q, tok, chat=False) for q in questions]
 
 
-def test_build_prompt_base_text_is_spec_template_with_question_mark_rule(tok):
-    expected = SPEC_PROMPT.format(question="who wrote hamlet?")  # stripped, "?" appended
+def test_build_prompt_plain_text_is_the_reference_template_with_question_mark_rule(tok):
+    expected = REFERENCE_PROMPT.format(question="who wrote hamlet?")  # stripped, "?" appended
     assert build_prompt("  who wrote hamlet ", tok, chat=False) == ids(tok, expected)
     assert tok.decode(build_prompt("  who wrote hamlet ", tok, chat=False)) == expected
-    assert tok.decode(build_prompt("is it?", tok, chat=False)) == SPEC_PROMPT.format(question="is it?")
+    assert tok.decode(build_prompt("is it?", tok, chat=False)) == REFERENCE_PROMPT.format(question="is it?")
 
 
-def test_build_prompt_chat_puts_spec_text_in_user_turn_of_template(tok):
+def test_build_prompt_chat_is_the_reference_text_as_the_user_turn_of_qwens_template_byte_for_byte(tok):
     text = tok.decode(build_prompt("who wrote hamlet", tok, chat=True))
-    user = SPEC_PROMPT.format(question="who wrote hamlet?")
-    messages = [{"role": "user", "content": user}]
-    assert text == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert f"<|im_start|>user\n{user}<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    assert text == QWEN_CHAT.format(user=REFERENCE_PROMPT.format(question="who wrote hamlet?"))
+
+
+def test_a_base_qwen_tokenizer_gives_the_prompt_the_reference_trained_on_byte_for_byte(tok):
+    base = copy.deepcopy(tok)  # Qwen2.5 base: the same template with its own default system line
+    base.chat_template = tok.chat_template.replace(QWEN_INSTRUCT_SYSTEM, "You are a helpful assistant.")
+    prompt = build_prompt("paul walkers cars in fast and furious list", base, chat=True)
+    assert base.decode(prompt) == REFERENCE_CASE_PROMPT
+
+
+def without_chat_template(tokenizer):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    return plain
+
+
+def test_chat_auto_means_the_template_whenever_the_tokenizer_has_one_and_plain_text_otherwise(tok):
+    base = searchr1.Config(model="qwen2.5-3b")  # a base model: the reference still uses its template
+    assert searchr1.uses_chat_template(base, tok) is True
+    assert searchr1.uses_chat_template(base, without_chat_template(tok)) is False
+    assert searchr1.uses_chat_template(dataclasses.replace(base, chat="no"), tok) is False
+    with pytest.raises(searchr1.UsageError, match="no chat template"):
+        searchr1.uses_chat_template(dataclasses.replace(base, chat="yes"), without_chat_template(tok))
+
+
+def test_readme_reference_table_flags_are_the_defaults():
+    """Every `--flag value` (or `eval --flag value`) that README's table "searchr1 vs the released
+    Search-R1" claims is that command's default, so the table cannot drift from the code."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## searchr1 vs the released Search-R1")[1].split("\n## ")[0]
+    claims = re.findall(r"`(?:(eval|ask) )?--([a-z0-9-]+) ([^`]+)`", table)
+    assert len(claims) >= 25
+    for command, flag, value in claims:
+        default = searchr1.config_parser(command or "train").get_default(flag.replace("-", "_"))
+        assert str(default) == value, f"README says {command or 'train'} --{flag} {value}; the default is {default}"
+    cfg = searchr1.Config()  # "320 / 32 = 10 steps a batch", the reference's 2,560 / 256
+    assert cfg.batch_size * cfg.group_size / cfg.mini_batch_size == 2560 / 256 == 10
+
+
+def test_observation_and_passages_are_laid_out_as_the_reference_does():
+    hits = [{"title": '"Paul Walker"', "text": "an actor"}, {"title": "Cars", "text": "a film\nof 2006"}]
+    assert format_passages(hits) == 'Doc 1(Title: "Paul Walker") an actor\nDoc 2(Title: Cars) a film\nof 2006'
+    assert observation(format_passages(hits) + "\n") == (
+        '\n\n<information>Doc 1(Title: "Paul Walker") an actor\nDoc 2(Title: Cars) a film\nof 2006</information>\n\n')
 
 
 def test_search_then_answer_gives_exact_tokens_text_and_loss_mask(tok, model):
@@ -701,7 +831,7 @@ def test_search_then_answer_gives_exact_tokens_text_and_loss_mask(tok, model):
 
 
 def test_turn_without_action_gets_the_invalid_action_message(tok, model):
-    assert INVALID_ACTION == SPEC_INVALID
+    assert INVALID_ACTION == REFERENCE_INVALID
     answer = ids(tok, " <answer> y </answer>")
     rambling = (ids(tok, " I am not sure") * 2)[: len(answer)]
     calls = []
@@ -709,8 +839,8 @@ def test_turn_without_action_gets_the_invalid_action_message(tok, model):
     (t,) = rollout(model, tok, prompts_for(tok, ["q"]), recording_search(calls), cfg,
                    logits_hook=forcing([[rambling, answer]]))
     assert calls == []
-    assert t.response_ids == rambling + ids(tok, SPEC_INVALID) + answer
-    assert t.loss_mask == [1] * len(rambling) + [0] * len(ids(tok, SPEC_INVALID)) + [1] * len(answer)
+    assert t.response_ids == rambling + ids(tok, REFERENCE_INVALID) + answer
+    assert t.loss_mask == [1] * len(rambling) + [0] * len(ids(tok, REFERENCE_INVALID)) + [1] * len(answer)
     assert (t.n_searches, t.n_turns, t.answered) == (0, 2, True)
 
 
@@ -722,7 +852,7 @@ def test_eos_ends_the_turn_and_is_kept_as_a_sampled_token(tok, model):
     (t,) = rollout(model, tok, prompts_for(tok, ["q"]), recording_search([]), cfg,
                    logits_hook=forcing([[turn0, answer]]))
     sampled0 = ids(tok, " maybe") + [eos]
-    assert t.response_ids == sampled0 + ids(tok, SPEC_INVALID) + answer  # no action before EOS: invalid
+    assert t.response_ids == sampled0 + ids(tok, REFERENCE_INVALID) + answer  # no action before EOS: invalid
     assert t.loss_mask[: len(sampled0)] == [1] * len(sampled0)
     assert (t.n_turns, t.answered) == (2, True)
 
@@ -824,7 +954,7 @@ def test_turn_and_token_budgets_hold_and_observations_are_truncated(tok, model):
     trajs = rollout(model, tok, prompts_for(tok, ["a", "b c d"]), long_passages, cfg, logits_hook=forcing(plans),
                     generator=torch.Generator().manual_seed(1))
     full_obs = {"search": ids(tok, "\n\n<information>" + long_passages(["x"])[0].strip() + "</information>\n\n"),
-                "invalid": ids(tok, SPEC_INVALID)}
+                "invalid": ids(tok, REFERENCE_INVALID)}
     assert all(len(obs) > cfg.max_obs_tokens for obs in full_obs.values())
     assert all(t.n_searches == 1 and t.n_turns == 3 for t in trajs)  # one search each; free turns hit the budget
     for t in trajs:
@@ -940,7 +1070,6 @@ def ppo_config(model_dir, folder, **overrides):
                        **overrides)
 
 
-@needs_qwen_tokenizer
 def test_a_ppo_step_changes_only_the_two_adapters_and_the_value_head(tiny_model_dir, tmp_path, monkeypatch):
     cfg = ppo_config(tiny_model_dir, tmp_path)
     assert cfg.group_size == 1  # forced by --algo ppo
@@ -984,7 +1113,6 @@ def straight_and_resumed_runs(straight, crashed, monkeypatch):
     return straight, crashed, rows, resumed
 
 
-@needs_qwen_tokenizer
 @pytest.mark.parametrize("make_config, logged, saved", [
     (tiny_config, ("reward", "policy_loss", "kl", "grad_norm", "lr"), ("adapter_model.safetensors",)),
     (ppo_config, ("reward", "policy_loss", "value_loss", "explained_variance", "value_clip_frac", "kl", "grad_norm"),
@@ -1011,16 +1139,7 @@ def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(make_confi
 
 
 # ============================================================================ searchr1.py eval and ask
-# The prompts README documents, written out in full
-SEARCH_R1 = (
-    "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get new "
-    "information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
-    "query </search> and it will return the top searched results between <information> and </information>. You can "
-    "search as many times as your want. If you find no further external knowledge needed, you can directly provide "
-    "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
-    "</answer>. Question: {question}\n")
-
-
+# The baselines' prompts README documents, written out in full (Search-R1's own: REFERENCE_PROMPT)
 DIRECT = ("Answer the given question. Provide the answer inside <answer> and </answer>, without detailed "
           "illustrations. For example, <answer> Beijing </answer>. Question: {question}\n")
 
@@ -1078,7 +1197,6 @@ def read_table(path: Path) -> dict[str, list[float]]:
     return {cells[0].strip(): [float(c) for c in cells[1:]] for cells in rows[1:]}
 
 
-@needs_qwen_tokenizer
 def test_eval_table_em_is_the_mean_of_the_saved_per_prediction_em(evaluated):
     table = read_table(evaluated["out"] / "results.md")
     assert list(table) == ["Direct inference", "RAG", "Search-R1"]
@@ -1100,18 +1218,18 @@ def test_eval_table_em_is_the_mean_of_the_saved_per_prediction_em(evaluated):
     assert table["Search-R1"] == pytest.approx([2 / 3, 1 / 2, 7 / 12], abs=1e-3)  # y,z,y vs y; y,z vs z
 
 
-@needs_qwen_tokenizer
 def test_the_three_methods_prompt_the_documented_layouts(evaluated):
     # the first batch of each method, in the order run: one.jsonl's questions 0 and 1
     direct, rag, search_r1 = (evaluated["seen"][i][0][0] for i in (0, 2, 4))
-    assert direct == DIRECT.format(question="question 0?")
+    # --chat auto and the Qwen2.5 tokenizer: every method's prompt is the user turn of its template
+    assert direct == QWEN_CHAT.format(user=DIRECT.format(question="question 0?"))
     # RAG: the top-k of the question itself; only passage 0 holds a word of "question 0"
-    assert rag == RAG.format(question="question 0?", passages='Doc 1(Title: "T0") passage number 0')
-    assert search_r1 == SEARCH_R1.format(question="question 0?")
+    assert rag == QWEN_CHAT.format(user=RAG.format(question="question 0?",
+                                                   passages='Doc 1(Title: "T0") passage number 0'))
+    assert search_r1 == QWEN_CHAT.format(user=REFERENCE_PROMPT.format(question="question 0?"))
     assert [max_turns for _, max_turns in evaluated["seen"]][:6] == [0, 0, 0, 0, 1, 1]  # baselines: no search turn
 
 
-@needs_qwen_tokenizer
 def test_chat_models_get_the_baseline_prompt_as_their_user_message(tiny_model_dir):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -1120,7 +1238,6 @@ def test_chat_models_get_the_baseline_prompt_as_their_user_message(tiny_model_di
         "<|im_start|>user\n" + DIRECT.format(question="q?") + "<|im_end|>\n<|im_start|>assistant\n")
 
 
-@needs_qwen_tokenizer
 def test_a_resumed_eval_skips_finished_cells_and_redoes_cells_whose_settings_changed(
         tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
@@ -1158,7 +1275,6 @@ def test_a_resumed_eval_skips_finished_cells_and_redoes_cells_whose_settings_cha
     assert evaluated == ["direct one", "direct two"]
 
 
-@needs_qwen_tokenizer
 def test_adapter_is_read_from_a_checkpoint_or_the_latest_of_a_run(tiny_model_dir, tmp_path):
     cfg = searchr1.Config(model=str(tiny_model_dir), load_4bit=False, device="cpu", lora_r=4, lora_alpha=8,
                           gradient_checkpointing=False)
@@ -1199,7 +1315,6 @@ def ask_argv(model_dir, folder: Path, *extra) -> list[str]:
             "--index-dir", str(folder / "index"), "--max-turns", "1", "--max-new-tokens", "24", *extra]
 
 
-@needs_qwen_tokenizer
 def test_ask_prints_reasoning_each_search_the_titles_found_and_the_answer(tiny_model_dir, tmp_path, monkeypatch,
                                                                          capsys):
     from transformers import AutoTokenizer
@@ -1213,7 +1328,6 @@ def test_ask_prints_reasoning_each_search_the_titles_found_and_the_answer(tiny_m
     assert printed == sorted(printed)  # in the order it happened
 
 
-@needs_qwen_tokenizer
 def test_ask_without_a_question_reads_questions_until_an_empty_line(tiny_model_dir, tmp_path, monkeypatch,
                                                                     capsys):
     from transformers import AutoTokenizer
@@ -1332,7 +1446,6 @@ def test_observation_built_from_the_servers_answer_equals_the_in_process_one(sap
     assert remote(["Lyon"])[0] == 'Doc 1(Title: "Lyon") Lyon is a city in France.\nOn the Saône river.'
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (real wiki-18 and NQ files) is absent")
 def test_observations_from_the_server_equal_in_process_ones_on_real_wiki18_and_nq(sapi_serving, tmp_path):
     index = BM25Index.open(DATA / "wiki18-sample-1000.jsonl", tmp_path / "wiki")
     questions = [json.loads(line)["question"] for line in (DATA / "nq-test-17.jsonl").open()]
@@ -1541,8 +1654,6 @@ def test_serve_command_prints_url_and_size_answers_and_stops_cleanly_on_ctrl_c(s
 @pytest.fixture(scope="module")
 def sapi_model_dir(tmp_path_factory):
     """A random 2-layer Qwen2 with the real Qwen2.5 tokenizer, saved like a hub checkpoint."""
-    if not QWEN_TOKENIZER.exists():
-        pytest.skip(f"{QWEN_TOKENIZER} is absent")
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -1583,7 +1694,7 @@ def test_training_that_loses_its_search_server_saves_its_last_step_and_resumes_w
         return searchr1.main(["train", "--model", str(sapi_model_dir), "--search-url", url, "--out-dir", str(run_dir),
                               "--train-data", str(qa), "--eval-data", str(qa), "--device", "cpu",
                               "--no-load-4bit", "--no-gradient-checkpointing", "--batch-size", "2",
-                              "--group-size", "2", "--updates-per-step", "1", "--micro-batch-size", "4",
+                              "--group-size", "2", "--mini-batch-size", "4", "--micro-batch-size", "4",
                               "--max-turns", "1", "--max-new-tokens", "8", "--eval-size", "2",
                               "--eval-batch-size", "2", "--steps", "2", "--save-every", "10",
                               "--eval-every", "0", "--lr", "1e-2", *extra])
@@ -1619,7 +1730,6 @@ def test_training_that_loses_its_search_server_saves_its_last_step_and_resumes_w
 
 
 # ============================================================================ bench.py gpu --tiny
-@pytest.mark.skipif(not QWEN_TOKENIZER.exists(), reason="../shared/data/qwen2.5-tokenizer is absent")
 def test_bench_gpu_tiny_times_a_real_grpo_step_on_the_forced_script_and_prints_the_full_table(monkeypatch, capsys):
     results = []  # main() dispatches to bench.bench_gpu; keep what it returns
     real_bench_gpu = bench.bench_gpu
@@ -1841,8 +1951,8 @@ def test_rl_through_train_teaches_the_warmed_up_model_to_search(algo, algo_defau
     (rollout, EM reward, group or critic baseline, LoRA) turns a model that guesses into one that
     searches, and held-out EM follows."""
     cfg = replace(searchr1.Config(), **{
-        **searchr1.TINY, **algo_defaults, "algo": algo, "model": "tiny", "out_dir": str(tmp_path), "steps": 12,
-        "lr": 2e-3, "eval_every": 0, "eval_size": 50, "save_every": 12})
+        **searchr1.TINY, **algo_defaults, "algo": algo, "model": "tiny", "out_dir": str(tmp_path), "steps": 8,
+        "eval_every": 0, "eval_size": 50, "save_every": 8})
     shutil.copytree(warmed_up_task, tmp_path / "task")
     result = searchr1.run_tiny(cfg, LEARNING_TASK)
     before, after = result["before"], result["after"]

@@ -83,7 +83,7 @@ class TinyTask:
     skill_share: float = 0.7       # searching trajectories in those first steps: learn the skill
     search_share: float = 0.3      # searching trajectories afterwards: greedy decoding guesses
     warmup_batch: int = 32
-    warmup_lr: float = 1e-3        # AdamW; 3e-3 stalls at loss ~1 (notes/tiny-task.md)
+    warmup_lr: float = 1e-3        # AdamW; 3e-3 stalls at loss ~1 (measured)
     hidden: int = 128              # Qwen2 width; 4 heads, 2 KV heads, MLP 3 x hidden
     layers: int = 2                # 2 layers leave the copy plateau ~2x sooner than 4 (measured)
     seed: int = 0
@@ -192,7 +192,7 @@ def warmup_example(q: dict, tokenizer, search, rng: random.Random, search_share:
     """One scripted trajectory: (prompt_ids, response_ids, loss_mask), laid out as rollout() lays
     out a sampled one. With probability search_share it searches the right query and reads the
     answer out of the passage; otherwise it guesses a value of the right attribute at random.
-    full_prompt False: the prompt is the question alone, without SPEC's instructions.
+    full_prompt False: the prompt is the question alone, without Search-R1's instructions.
     """
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
     if rng.random() < search_share:
@@ -211,7 +211,7 @@ def warmup_example(q: dict, tokenizer, search, rng: random.Random, search_share:
 def warmup_loss(model, batch: list[tuple[list, list, list]], pad_id: int) -> torch.Tensor:
     """Mean cross-entropy over the tokens the policy writes, for a batch of warmup_example()s.
 
-    Every prompt is SPEC's instructions (~100 tokens) and then the question, so the batch's common
+    Every prompt is Search-R1's instructions (~100 tokens) and then the question, so the batch's common
     prefix is run once and its KV cache repeated for every row: ~3x less compute than running each
     full sequence, the same logits (the gradient flows back through the cache into the prefix).
     """
@@ -245,10 +245,10 @@ def warm_up(model, tokenizer, questions: list[dict], search, task: TinyTask) -> 
     1. short_steps steps with the question alone as the prompt and skill_share (70%) of the
        trajectories searching. What is hard to learn is copying: the name from the question into
        the query, the value from the passage into the answer. Behind a prompt of ~8 tokens instead
-       of SPEC's ~120, attention finds the token to copy far sooner (measured, 2 layers: the loss
+       of Search-R1's ~120, attention finds the token to copy far sooner (measured, 2 layers: the loss
        leaves its plateau near 0.7 after ~175 steps; with the full prompt from the start it is
        still at 0.87 after 350).
-    2. The rest with SPEC's prompt, as the rollout will use it, and search_share (30%) searching:
+    2. The rest with Search-R1's prompt, as the rollout will use it, and search_share (30%) searching:
        the model now searches well when it searches, but decides to 7 times in 10 to guess, so
        greedy decoding guesses and its EM is chance. That decision is what GRPO has to change.
     """
