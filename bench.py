@@ -592,7 +592,7 @@ def bench_gpu(args) -> dict:
     search = lambda queries: [passages] * len(queries)  # noqa: E731
     questions = [{"question": f"What happened in town number {i}", "golden_answers": ["yes"]}
                  for i in range(args.questions)]
-    prompts = [build_prompt(q["question"], tokenizer, searchr1.uses_chat_template(cfg)) for q in questions]
+    prompts = [build_prompt(q["question"], tokenizer, searchr1.uses_chat_template(cfg, tokenizer)) for q in questions]
     rollout_cfg = cfg.rollout_config()
 
     notes = []
@@ -629,7 +629,7 @@ def bench_gpu(args) -> dict:
          "changed_lora": sum("lora_" in name for name in changed),
          "changed_frozen": sum("lora_" not in name for name in changed), "notes": notes}
     if trained:
-        stats, _, r["peak_gb"] = trained
+        (stats, _, _), _, r["peak_gb"] = trained  # train_step: (stats, trajectories, rewards)
         r.update({key: stats[key] for key in ("rollout_s", "logprob_s", "update_s", "step_s", "reward")})
         r["ours_tok_s"], r["steps_in_3h"] = stats["tokens_per_s"], 3 * 3600 / stats["step_s"]
     r["ratio"] = r["ours_tok_s"] / r["generate_tok_s"] if trained and naive else None

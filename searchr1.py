@@ -34,6 +34,7 @@ require_python()
 import argparse  # noqa: E402 (after the version check: what follows may need 3.11)
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -41,6 +42,7 @@ import resource
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,9 +144,13 @@ class Config:
     eval_size: int = opt(200, "held-out questions evaluated, greedy")
     eval_batch_size: int = opt(32, "questions per greedy evaluation rollout")
     save_every: int = opt(10, "steps between checkpoints")
+    keep_checkpoints: int = opt(0, "checkpoints kept, the newest; 0 = every one (Qwen2.5-3B: 0.36 GB each)")
+    samples: int = opt(4, "trajectories a step written out in full to samples.jsonl (a seeded choice); 0 = none")
     seed: int = opt(0, "seeds data order and sampling")
     device: str = opt("auto", "'auto' (CUDA if present), 'cuda' or 'cpu'")
-    resume: bool = opt(False, "continue from out_dir's last checkpoint")
+    resume: bool = opt(False, "continue out_dir's run from its last checkpoint (the same settings; --steps may grow)")
+    overwrite: bool = opt(False, "start over in an out_dir that holds a run, deleting its checkpoints, metrics, "
+                                 "samples and evaluations")
 
     def rollout_config(self, greedy: bool = False) -> RolloutConfig:
         return RolloutConfig(max_turns=self.max_turns, max_new_tokens=self.max_new_tokens,
@@ -156,9 +162,46 @@ class Config:
         if self.algo == "ppo":  # the critic is the baseline: no group needed (Search-R1's PPO: n = 1)
             self.group_size = 1
 
+    def check(self) -> None:
+        """Every setting in its range, before any work is done: the first one that is not is a UsageError."""
+        for name, allowed in {"chat": ("auto", "yes", "no"), "algo": ("grpo", "ppo")}.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{flag(name)} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise UsageError(f"--device {self.device!r}: choose auto, cpu, cuda or cuda:N")
+        rules = [  # (fields, test, what the value must be)
+            (("steps", "batch_size", "mini_batch_size", "micro_batch_size", "rollout_batch_size", "lora_r",
+              "lora_alpha", "max_new_tokens", "max_obs_tokens", "topk", "eval_size", "eval_batch_size",
+              "save_every", "group_size"), lambda v: v >= 1, "at least 1"),
+            (("max_turns", "eval_every", "keep_checkpoints", "samples"), lambda v: v >= 0, "at least 0"),
+            (("lr", "critic_lr", "temperature", "max_grad_norm", "clip_eps", "value_clip"), lambda v: v > 0,
+             "above 0"),
+            (("kl_coef", "entropy_coef", "weight_decay"), lambda v: v >= 0, "at least 0"),
+            (("warmup_ratio", "critic_warmup_ratio", "gae_gamma", "gae_lambda"), lambda v: 0 <= v <= 1,
+             "between 0 and 1"),
+            (("top_p",), lambda v: 0 < v <= 1, "above 0 and at most 1"),
+            (("lora_dropout",), lambda v: 0 <= v < 1, "at least 0 and below 1"),
+        ]
+        for fields, ok, must_be in rules:  # `not ok(v)` also catches nan
+            for name in fields:
+                if not ok(getattr(self, name)):
+                    raise UsageError(f"{flag(name)} {getattr(self, name)}: must be {must_be}")
+        if self.algo == "grpo" and self.group_size < 2:
+            raise UsageError(f"--group-size {self.group_size}: GRPO compares at least 2 responses per question "
+                             "(or use --algo ppo)")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a Config field: max_turns -> --max-turns."""
+    return "--" + name.replace("_", "-")
+
 
 class UsageError(Exception):
     """A mistake in what the user asked for: printed as one line, exit code 2."""
+
+
+class NothingToDo(Exception):
+    """The command has nothing left to do (a finished run resumed): printed as one line, exit code 0."""
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -181,6 +224,8 @@ def pick_device(cfg: Config) -> torch.device:
 
 def load_policy(cfg: Config, device: torch.device):
     """The tokenizer and the trainable policy: (4-bit) base + LoRA adapter, on `device`."""
+    # bitsandbytes' CPU backend (imported by peft) logs that an optional kernel package is absent
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     path = resolve_model(cfg.model)
@@ -201,7 +246,9 @@ def load_policy(cfg: Config, device: torch.device):
         model.activation_checkpointing_enable({"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft asks transformers a question it has deprecated: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lora)
     if cfg.algo == "ppo":  # the critic: a second adapter and a value head on the same base (ppo.py)
         add_critic(model)
     return tokenizer, model
@@ -285,8 +332,10 @@ def clock(device) -> float:
     return time.time()
 
 
-def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, device) -> dict:
-    """One GRPO (or PPO) step: rollout -> reward -> advantages -> reference log-probs -> update."""
+def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, device):
+    """One GRPO (or PPO) step: rollout -> reward -> advantages -> reference log-probs -> update.
+
+    Returns (stats for metrics.jsonl, the trajectories (N,) prompt-major, their rewards (N,))."""
     t0 = clock(device)
     # 1. rollout: G responses per question from the current policy (trajectories prompt-major)
     model.eval()
@@ -339,7 +388,7 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
     t_end = clock(device)
     n_trained = sum(mb["train_mask"].sum().item() for mini_batch in updates for mb in mini_batch)
     sampled = sum(sum(t.loss_mask) for t in trajectories)
-    return {"reward": rewards.mean().item(),
+    stats = {"reward": rewards.mean().item(),
             "searches": sum(t.n_searches for t in trajectories) / len(trajectories),
             "turns": sum(t.n_turns for t in trajectories) / len(trajectories),
             "answered": sum(t.answered for t in trajectories) / len(trajectories),
@@ -349,6 +398,7 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
             # seconds by phase: rollout; reward + pi_old and pi_ref log-probs; optimisation
             "rollout_s": t_rollout - t0, "logprob_s": t_logprob - t_rollout, "update_s": t_end - t_logprob,
             "step_s": t_end - t0, "tokens_per_s": sampled / max(t_rollout - t0, 1e-9)}
+    return stats, trajectories, rewards
 
 
 def evaluate(model, tokenizer, questions, search, cfg: Config, desc: str = "eval", prompts=None) -> list[dict]:
@@ -368,8 +418,9 @@ def evaluate(model, tokenizer, questions, search, cfg: Config, desc: str = "eval
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run: Path, step: int, model, optimizer, scheduler):
-    """Atomic: write checkpoints/step-N.tmp, rename it, then repoint latest.json (os.replace)."""
+def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, keep: int = 0):
+    """Atomic: write checkpoints/step-N.tmp, rename it, then repoint latest.json (os.replace).
+    keep: how many of the newest checkpoints stay; 0 = all."""
     root = run / "checkpoints"
     final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -382,8 +433,8 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler):
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_atomic(root / "latest.json", json.dumps({"step": step, "path": final.name}))
-    for old in root.glob("step-*"):                  # keep the newest checkpoint only
-        if old != final:
+    if keep:                                         # only the newest `keep` (names sort by step)
+        for old in sorted(root.glob("step-??????"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -428,13 +479,13 @@ def batch_at(train: list[dict], step: int, cfg: Config) -> list[dict]:
     return [train[j] for j in order[i * cfg.batch_size: (i + 1) * cfg.batch_size].tolist()]
 
 
-def make_scheduler(optimizer, cfg: Config):
+def make_scheduler(optimizer, cfg: Config, steps: int):
     """Linear warm-up over a share of the steps, then constant (the reference's 'constant' style): the
     lr of step s is lr x (s + 1) / W for the first W = ratio x steps steps (at least 1). PPO's critic,
     the second parameter group, has its own shorter warm-up (reference: actor 0.285, critic 0.015)."""
     def warmup(ratio: float):
-        steps = max(1, int(ratio * cfg.steps))
-        return lambda s: min(1.0, (s + 1) / steps)
+        warmup_steps = max(1, int(ratio * steps))
+        return lambda s: min(1.0, (s + 1) / warmup_steps)
     ratios = [cfg.warmup_ratio, cfg.critic_warmup_ratio][: len(optimizer.param_groups)]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [warmup(ratio) for ratio in ratios])
 
@@ -445,18 +496,77 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+# What a run folder holds besides config.json; --overwrite deletes these (tiny's task/ stays).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval", "metrics.png")
+# Settings a resumed run may change: how long it runs, how often it saves and reports, and how the
+# same work is cut for memory. Any other difference changes what the run computes.
+RESUMABLE = {"steps", "resume", "overwrite", "out_dir", "save_every", "keep_checkpoints", "eval_every",
+             "eval_batch_size", "rollout_batch_size", "micro_batch_size", "samples", "device", "index_dir",
+             "search_url"}
+
+
+def check_run_folder(run: Path, cfg: Config, derived: tuple = ()) -> None:
+    """Before any work: a folder that holds a run is continued (--resume, same settings) or started
+    over (--overwrite), never overwritten by accident. derived: settings not compared (tiny's paths)."""
+    latest = run / "checkpoints" / "latest.json"
+    if not cfg.resume:
+        if not cfg.overwrite and any((run / name).exists() for name in RUN_FILES[:2]):
+            raise UsageError(f"{run} holds a run already: continue it with --resume, or start it over with "
+                             "--overwrite (which deletes its checkpoints and metrics)")
+        return
+    if not latest.is_file():
+        raise UsageError(f"--resume: no checkpoint in {run} (looked for {latest})")
+    saved = json.loads((run / "config.json").read_text())
+    ignored = RESUMABLE | set(derived)
+    differ = [f"{flag(k)} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+              if k not in ignored and k in saved and saved[k] != v]
+    if differ:
+        raise UsageError(f"--resume: settings differ from the run in {run}: {'; '.join(differ)} "
+                         "(resume with the run's settings, or give a new --out-dir)")
+    step = json.loads(latest.read_text())["step"]
+    if cfg.steps <= step:
+        raise NothingToDo(f"{run} is at step {step} of --steps {cfg.steps}: nothing to do "
+                          f"(a larger --steps trains on)")
+
+
+def sample_rows(step: int, questions, trajectories, rewards, tokenizer, cfg: Config) -> list[dict]:
+    """A seeded choice of cfg.samples trajectories, written out whole: what the policy wrote,
+    what the search engine returned (the `segments` alternate), its queries, answer and reward."""
+    chosen = sorted(random.Random(cfg.seed * 1_000_003 + step).sample(range(len(trajectories)),
+                                                                      min(cfg.samples, len(trajectories))))
+    rows = []
+    for i in chosen:
+        t, q = trajectories[i], questions[i // cfg.group_size]
+        segments, start = [], 0  # runs of equal loss_mask: 1 = written by the policy, 0 = inserted
+        for end in range(1, len(t.loss_mask) + 1):
+            if end == len(t.loss_mask) or t.loss_mask[end] != t.loss_mask[start]:
+                by = "policy" if t.loss_mask[start] else "search"
+                segments.append({"by": by, "text": tokenizer.decode(t.response_ids[start:end])})
+                start = end
+        rows.append({"step": step, "question": q["question"], "golden_answers": q["golden_answers"],
+                     "segments": segments, "queries": t.queries, "answer": extract_answer(t.text),
+                     "reward": rewards[i].item()})
+    return rows
+
+
 def train(cfg: Config) -> dict:
-    """Train; returns the last evaluation. Writes out_dir/metrics.jsonl and checkpoints."""
+    """Train; returns the last evaluation. Writes out_dir/config.json, metrics.jsonl, samples.jsonl,
+    eval/step-N.json (each evaluation's predictions) and checkpoints/."""
     resolve_model(cfg.model)  # an unknown alias fails now, not after the data has loaded
-    if cfg.algo not in ("grpo", "ppo"):
-        raise UsageError(f"--algo {cfg.algo!r}: use 'grpo' or 'ppo'")
     device = pick_device(cfg)
     if device.type == "cpu" and cfg.model in MODELS and cfg.device == "auto":
         raise UsageError(f"{cfg.model} needs a CUDA GPU and none is visible; try --model tiny "
                          "(a tiny search agent that trains on a CPU in minutes) or --device cpu")
     run = Path(cfg.out_dir or f"runs/{Path(cfg.model).name}")
+    check_run_folder(run, cfg)
+    if cfg.overwrite and not cfg.resume:
+        for name in RUN_FILES:
+            path = run / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    # the warm-up stays where it was set: steps only grow the run (--resume --steps N)
+    schedule_steps = json.loads((run / "config.json").read_text())["steps"] if cfg.resume else cfg.steps
+    write_atomic(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     train_qs, eval_qs = load_questions(cfg)
     search = make_search(cfg)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: same seed, same run
@@ -464,12 +574,12 @@ def train(cfg: Config) -> dict:
     trainable = (param_groups(model, cfg.lr, cfg.critic_lr) if cfg.algo == "ppo"  # actor, critic
                  else [p for p in model.parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg)
+    scheduler = make_scheduler(optimizer, cfg, schedule_steps)
     start = load_checkpoint(run, model, optimizer, scheduler) if cfg.resume else 0
-    log_path = run / "metrics.jsonl"
-    rows = [json.loads(line) for line in log_path.open()] if cfg.resume and log_path.exists() else []
-    with log_path.open("w") as log:  # a resumed run forgets rows logged after its checkpoint
-        log.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
+    for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run forgets rows logged after its checkpoint
+        path = run / name
+        rows = [json.loads(line) for line in path.open()] if cfg.resume and path.exists() else []
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["step"] <= start))
 
     stop = []  # Ctrl-C once: finish this step, save, exit; twice: exit now
     def on_interrupt(*_):
@@ -478,6 +588,7 @@ def train(cfg: Config) -> dict:
         stop.append(True)
         tqdm.write("interrupted: saving after this step (Ctrl-C again to quit without saving)")
     previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    save = lambda step: save_checkpoint(run, step, model, optimizer, scheduler, cfg.keep_checkpoints)  # noqa: E731
     result = {}
     try:
         bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps)
@@ -485,24 +596,30 @@ def train(cfg: Config) -> dict:
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # sampling of this step, reproducible
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            questions = batch_at(train_qs, step, cfg)
             try:
-                row = {"step": step + 1, "lr": scheduler.get_last_lr()[0],
-                       **train_step(model, tokenizer, optimizer, batch_at(train_qs, step, cfg), search, cfg, device)}
+                stats, trajectories, rewards = train_step(model, tokenizer, optimizer, questions, search, cfg, device)
             except SearchUnavailable:  # raised in the rollout, before any update: `step` steps are intact
-                save_checkpoint(run, step, model, optimizer, scheduler)
+                save(step)
                 tqdm.write(f"search failed: saved step {step} to {run}; continue with --resume once it answers")
                 raise
+            row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], **stats}
             scheduler.step()
             row["peak_mem_gb"] = peak_memory_gb(device)
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-                result = summarize(evaluate(model, tokenizer, eval_qs, search, cfg))
+                predictions = evaluate(model, tokenizer, eval_qs, search, cfg)
+                save_predictions(run / "eval" / f"step-{step + 1:06d}.json", {"step": step + 1}, predictions)
+                result = summarize(predictions)
                 row.update({f"eval_{k}": v for k, v in result.items()})
-            with log_path.open("a") as log:
+            with (run / "metrics.jsonl").open("a") as log:
                 log.write(json.dumps(row) + "\n")
+            with (run / "samples.jsonl").open("a", encoding="utf-8") as log:
+                log.writelines(json.dumps(r, ensure_ascii=False) + "\n"
+                               for r in sample_rows(step + 1, questions, trajectories, rewards, tokenizer, cfg))
             bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}",
                             searches=f"{row['searches']:.2f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
-                save_checkpoint(run, step + 1, model, optimizer, scheduler)
+                save(step + 1)
             if stop:
                 tqdm.write(f"saved step {step + 1} to {run}; continue with --resume")
                 break
@@ -518,17 +635,75 @@ def run_tiny(cfg: Config, task=None) -> dict:
     import tiny
     run = Path(cfg.out_dir or ("runs/tiny" + ("-ppo" if cfg.algo == "ppo" else "")
                                + ("" if cfg.mask_observations else "-no-mask")))
+    paths_of = ("model", "train_data", "eval_data", "corpus", "index_dir")  # tiny.prepare sets these
+    check_run_folder(run, dataclasses.replace(cfg, out_dir=str(run)), derived=paths_of)  # before the warm-up
     paths = tiny.prepare(run / "task", task or tiny.TinyTask(seed=cfg.seed), cfg.topk)
     cfg = dataclasses.replace(cfg, out_dir=str(run), **paths)  # --model is now the warm-up folder
     tokenizer, model = load_policy(cfg, pick_device(cfg))      # LoRA starts at B = 0: the warm-up model
     before = summarize(evaluate(model, tokenizer, load_questions(cfg)[1], make_search(cfg), cfg, desc="eval warm-up"))
     after = train(cfg)
     print(tiny.before_after_table(before, after, cfg.algo.upper()))
-    print(tiny.save_reward_curve({cfg.algo.upper(): run / "metrics.jsonl"}, run / "reward_curve.png"))
+    print(f"curves: {plot_runs([run], run / 'metrics.png')}")
     return {"before": before, "after": after}
 
 
-# ----------------------------------------------------------------------------- eval and ask
+# ----------------------------------------------------------------------------- plots
+PANELS = [("reward", "training reward"), ("eval_em", "held-out EM (greedy)"), ("searches", "searches per trajectory"),
+          ("response_len", "response tokens"), ("kl", "KL to the reference"), ("clip_frac", "clip fraction"),
+          ("entropy", "entropy"), ("value_loss", "value loss (PPO)")]
+
+
+def plot_runs(runs: list[Path], png: Path) -> Path:
+    """One figure of each run's metrics.jsonl against the step, a panel per quantity, runs overlaid."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    logs = {}
+    for run in runs:
+        if not (run / "metrics.jsonl").is_file():
+            raise UsageError(f"{run}: no metrics.jsonl there (is it a run folder?)")
+        algo = json.loads((run / "config.json").read_text())["algo"].upper() if (run / "config.json").is_file() else "?"
+        logs[f"{run.name} ({algo})"] = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    panels = [(key, title) for key, title in PANELS if any(key in r for rows in logs.values() for r in rows)]
+    columns = min(4, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // columns), columns, figsize=(3.6 * columns, 2.8 * -(-len(panels) // columns)),
+                             squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for i, (label, rows) in enumerate(logs.items()):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:  # held-out EM exists only where evaluated: markers, sized so equal values stay visible
+                ax.plot(*zip(*points), ("o--" if key == "eval_em" else "-"), color=f"C{i}",
+                        markersize=8 - 2 * (i % 3), label=label)
+        ax.set(title=title, xlabel="step", **({"ylim": (-0.02, 1.02)} if key in ("reward", "eval_em") else {}))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+# ----------------------------------------------------------------------------- eval, ask, export
+def tiny_agent(cfg: Config, adapter: str) -> Config:
+    """`--model tiny` outside training: the base is the run's warm-up model, searching the run's own
+    knowledge base, both read from the run's config.json (adapter: a run folder or one of its checkpoints)."""
+    if cfg.model != "tiny":
+        return cfg
+    folder = Path(adapter)
+    run = next((f for f in (folder, folder.parent.parent) if adapter and (f / "config.json").is_file()), None)
+    if run is None:
+        raise UsageError("--model tiny: give --adapter with the run folder of `python searchr1.py --model tiny` "
+                         "(e.g. runs/tiny) or one of its checkpoints")
+    saved = json.loads((run / "config.json").read_text())
+    return dataclasses.replace(cfg, model=saved["model"], corpus=cfg.corpus or saved["corpus"],
+                               index_dir=cfg.index_dir or saved["index_dir"])
+
+
 def load_agent(cfg: Config, adapter: str, device):
     """load_policy, with a trained adapter put in: a checkpoint folder, or a run folder (its latest)."""
     if not adapter:
@@ -565,6 +740,9 @@ EVAL_SETTINGS = ("model", "chat", "load_4bit", "corpus", "search_url", "topk", "
 
 def command_eval(cfg: Config, args) -> None:
     """Every (method, dataset) cell: load saved predictions made with the same settings, or evaluate."""
+    if args.limit < 0:
+        raise UsageError(f"--limit {args.limit}: must be at least 0 (0 = every question)")
+    cfg = tiny_agent(cfg, args.adapter)
     methods, sources = args.methods.split(","), args.datasets.split(",")
     if unknown := sorted(set(methods) - set(METHODS)):
         raise UsageError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -604,6 +782,7 @@ def command_eval(cfg: Config, args) -> None:
 
 def command_ask(cfg: Config, args) -> None:
     """Greedy Search-R1 rollouts of one question at a time, printed as they are sampled."""
+    cfg = tiny_agent(cfg, args.adapter)
     tokenizer, model = load_agent(cfg, args.adapter, pick_device(cfg))
     search, chat = make_search(cfg), uses_chat_template(cfg, tokenizer)
 
@@ -670,15 +849,19 @@ def ask_arguments(parser: argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- command line
 def config_parser(command: str) -> argparse.ArgumentParser:
-    """A parser with one --flag per Config field, defaults as the command sets them (COMMAND_DEFAULTS)."""
+    """A parser with a --flag for each Config field the command reads (COMMAND_FIELDS), defaults as
+    the command sets them (COMMAND_DEFAULTS)."""
     parser = argparse.ArgumentParser(prog=f"searchr1.py {command}", description=COMMANDS[command][2])
-    defaults = COMMAND_DEFAULTS.get(command, {})
+    defaults, fields = COMMAND_DEFAULTS.get(command, {}), COMMAND_FIELDS.get(command)
     for f in dataclasses.fields(Config):
-        flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
+        if fields is not None and f.name not in fields:
+            continue
+        default = defaults.get(f.name, f.default)
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
+                                help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(f.default), default=default,
+            parser.add_argument(flag(f.name), type=type(f.default), default=default,
                                 help=f"{f.metadata['help']} (default: {default})")
     return parser
 
@@ -688,7 +871,45 @@ def command_train(cfg: Config, args) -> dict:
 
 
 def command_serve(cfg: Config, args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be 0 (any free port) to 65535")
     serve(open_index(cfg), args.host, args.port, default_topk=cfg.topk)
+
+
+def command_plot(cfg: Config, args) -> None:
+    png = Path(args.out) if args.out else Path(args.runs[0]) / "metrics.png"
+    print(f"wrote {plot_runs([Path(run) for run in args.runs], png)}")
+
+
+def plot_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl), overlaid in one figure")
+    parser.add_argument("--out", default="", help="the PNG to write (default: <first run>/metrics.png)")
+
+
+def command_export(cfg: Config, args) -> None:
+    """The base model with the adapter merged into its weights, saved as a plain Hugging Face model."""
+    if not args.adapter or not args.out:
+        raise UsageError("export needs --adapter (a run or checkpoint folder) and --out (a new folder)")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out}: the folder is not empty; give a new one")
+    # a 16-bit merge needs 16-bit base weights: load them unquantized (on the CPU unless --device says)
+    cfg = dataclasses.replace(tiny_agent(cfg, args.adapter), load_4bit=False, gradient_checkpointing=False)
+    device = pick_device(cfg)
+    tokenizer, model = load_agent(cfg, args.adapter, device)
+    merged = model.merge_and_unload()                   # W <- W + (alpha / r) B A, the adapter gone
+    merged.to(getattr(torch, args.dtype)).save_pretrained(out.with_name(out.name + ".tmp"))
+    tokenizer.save_pretrained(out.with_name(out.name + ".tmp"))
+    os.replace(out.with_name(out.name + ".tmp"), out)
+    print(f"wrote {out}: {resolve_model(cfg.model)} with {args.adapter} merged, {args.dtype}; "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
+
+
+def export_arguments(parser: argparse.ArgumentParser):
+    adapter_argument(parser)
+    parser.add_argument("--out", default="", help="the folder to write (must not exist or be empty)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="the merged weights' type (default: bfloat16)")
 
 
 def serve_arguments(parser: argparse.ArgumentParser):
@@ -700,6 +921,11 @@ def serve_arguments(parser: argparse.ArgumentParser):
 
 # The reference evaluates with 4 search turns (scripts/nq_hotpotqa/evaluate.sh); it trains with 2.
 COMMAND_DEFAULTS = {"eval": dict(max_turns=4), "ask": dict(max_turns=4)}
+# The Config fields each command reads, and so shows in its --help (train reads them all)
+_AGENT = ("model", "chat", "load_4bit", "corpus", "index_dir", "search_url", "topk", "max_turns",
+          "max_new_tokens", "max_obs_tokens", "device")
+COMMAND_FIELDS = {"eval": _AGENT + ("out_dir", "eval_batch_size", "seed"), "ask": _AGENT,
+                  "serve": ("corpus", "index_dir", "topk"), "export": ("model", "device"), "plot": ()}
 # name -> (function(cfg, args), function adding the command's own arguments or None, description)
 COMMANDS = {
     "train": (command_train, None, "Train a Search-R1 agent with GRPO, or PPO with --algo ppo (the default command)."),
@@ -708,25 +934,47 @@ COMMANDS = {
     "eval": (command_eval, eval_arguments, "Exact match of direct answers, RAG and Search-R1 on QA benchmarks, "
                                            "greedy: the paper's table in --out-dir/results.md, every prediction "
                                            "in --out-dir/<method>/<dataset>.json. A rerun reuses finished cells."),
+    "plot": (command_plot, plot_arguments, "Draw runs' metrics.jsonl (reward, held-out EM, searches, lengths, "
+                                           "KL, clip fraction, ...) against the step, in one PNG."),
+    "export": (command_export, export_arguments, "Merge a trained adapter into its base model and save a plain "
+                                                 "Hugging Face model folder (with the tokenizer)."),
     "ask": (command_ask, ask_arguments, "Ask the agent questions; prints its reasoning, searches, the titles "
                                         "found and its answer as they come."),
 }
 
 
+def commands_help() -> str:
+    """`searchr1.py --help`: the commands, one line each."""
+    lines = ["usage: searchr1.py [COMMAND] [flags]", "", "commands (train when none is given):"]
+    lines += [f"  {name:<7} {description.split('. ')[0].rstrip('.')}"
+              for name, (_, _, description) in COMMANDS.items()]
+    return "\n".join(lines + ["", "searchr1.py COMMAND --help lists the flags of a command, "
+                                  "e.g. searchr1.py train --help"])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(commands_help())
+        return 0
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     run, add_arguments, _ = COMMANDS[command]
     parser = config_parser(command)
     if add_arguments:
         add_arguments(parser)
     known = parser.parse_known_args(argv)[0]
-    if known.model == "tiny":
-        parser.set_defaults(**{**TINY, **(TINY_PPO if known.algo == "ppo" else {})})
+    if getattr(known, "model", "") == "tiny":
+        parser.set_defaults(**{**TINY, **(TINY_PPO if getattr(known, "algo", "") == "ppo" else {})})
     args = parser.parse_args(argv)
-    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    # a command's own flags, then its defaults, then Config's for the fields it does not read
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)} | COMMAND_DEFAULTS.get(command, {})
+    cfg = Config(**{name: getattr(args, name, default) for name, default in defaults.items()})
     try:
+        cfg.check()
         result = run(cfg, args)
+    except NothingToDo as e:
+        print(e)
+        return 0
     except (UsageError, DataError, CorpusError, OSError) as e:  # OSError: missing files, no network
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ from ppo import actor_loss, critic_loss, gae, token_rewards, whiten
 from retriever import (BM25Index, CorpusError, default_index_dir, FINGERPRINT_FILE, format_passages,
     read_corpus, split_contents, tokenize)
 from rollout import (_sample, build_prompt, INVALID_ACTION, observation, parse_action, rollout,
-    RolloutConfig, STOP_STRINGS)
+    RolloutConfig, STOP_STRINGS, Trajectory)
 from search_api import MAX_BODY_BYTES, MAX_QUERIES, RemoteIndex, SearchServer, SearchUnavailable
 
 ROOT = Path(__file__).resolve().parent
@@ -328,6 +328,17 @@ def tiny_config(model_dir, folder, **overrides):
     return searchr1.Config(**settings)
 
 
+def test_loading_the_4bit_policy_on_the_cpu_prints_no_warning(tiny_model_dir):
+    code = ("import torch, searchr1; cfg = searchr1.Config(model=%r, device='cpu'); "
+            "tokenizer, model = searchr1.load_policy(cfg, torch.device('cpu')); "
+            "model(input_ids=torch.tensor([[1, 2, 3]]))" % str(tiny_model_dir))  # a first 4-bit matmul
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # as a user runs it
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = [line for line in done.stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    assert printed == []
+
+
 def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base_as_reference(
         tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_model_dir, tmp_path)
@@ -344,7 +355,7 @@ def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     questions = searchr1.load_qa(cfg.train_data)[:2]
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-    stats = searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
     assert stats["reward"] == 0.5 and stats["answered"] == 1.0
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -384,7 +395,7 @@ def test_each_mini_batch_of_trajectories_is_one_optimizer_step_cut_into_micro_ba
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     monkeypatch.setattr(optimizer, "step", lambda: steps.append(len(seen)))  # micro-batches seen by each step
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-    stats = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
                                 torch.device("cpu"))
     assert seen == micro_batches and len(steps) == optimizer_steps
     assert sum(seen[:steps[0]]) == min(mini_batch_size, 8)  # the first step saw exactly one mini-batch
@@ -399,7 +410,7 @@ def test_a_tokenizer_without_a_pad_token_trains_as_llama3s_does(tiny_model_dir, 
     steered(monkeypatch, tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-    stats = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
                                 torch.device("cpu"))
     assert stats["reward"] == 0.5 and math.isfinite(stats["policy_loss"])
 
@@ -408,7 +419,7 @@ def test_the_critic_warms_up_over_its_own_shorter_share_of_the_steps():
     cfg = searchr1.Config(steps=1000, warmup_ratio=0.285, critic_warmup_ratio=0.015)  # 285 and 15 steps
     actor, critic = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([{"params": [actor], "lr": 1.0}, {"params": [critic], "lr": 10.0}])
-    scheduler = searchr1.make_scheduler(optimizer, cfg)
+    scheduler = searchr1.make_scheduler(optimizer, cfg, cfg.steps)
     lrs = []
     for _ in range(300):
         lrs.append(scheduler.get_last_lr())
@@ -417,7 +428,7 @@ def test_the_critic_warms_up_over_its_own_shorter_share_of_the_steps():
     assert lrs[0] == pytest.approx([1 / 285, 10 / 15]) and lrs[14] == pytest.approx([15 / 285, 10.0])
     assert lrs[284] == pytest.approx([1.0, 10.0]) and lrs[299] == pytest.approx([1.0, 10.0])
     grpo_only = torch.optim.AdamW([actor], lr=1.0)  # GRPO: one group, the actor's schedule
-    assert searchr1.make_scheduler(grpo_only, cfg).get_last_lr() == pytest.approx([1 / 285])
+    assert searchr1.make_scheduler(grpo_only, cfg, cfg.steps).get_last_lr() == pytest.approx([1 / 285])
 
 
 # ============================================================================ retriever.py
@@ -804,6 +815,14 @@ def test_readme_reference_table_flags_are_the_defaults():
     assert cfg.batch_size * cfg.group_size / cfg.mini_batch_size == 2560 / 256 == 10
 
 
+def test_readme_defaults_table_is_the_config_field_by_field():
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(--[a-z0-9-]+)` \| `([^`]*)` \| (.*) \|$", readme, flags=re.MULTILINE)
+    expected = [(searchr1.flag(f.name), str(f.default or '""') if isinstance(f.default, str) else str(f.default),
+                 f.metadata["help"]) for f in dataclasses.fields(searchr1.Config)]
+    assert rows == expected
+
+
 def test_observation_and_passages_are_laid_out_as_the_reference_does():
     hits = [{"title": '"Paul Walker"', "text": "an actor"}, {"title": "Cars", "text": "a film\nof 2006"}]
     assert format_passages(hits) == 'Doc 1(Title: "Paul Walker") an actor\nDoc 2(Title: Cars) a film\nof 2006'
@@ -1079,7 +1098,7 @@ def test_a_ppo_step_changes_only_the_two_adapters_and_the_value_head(tiny_model_
     optimizer = torch.optim.AdamW(searchr1.param_groups(model, cfg.lr, cfg.critic_lr))
     questions = searchr1.load_qa(cfg.train_data)[:2]
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-    stats = searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
     assert stats["reward"] == 0.5  # rows answer y, z
     for key in ("value_loss", "explained_variance", "value_clip_frac", "policy_loss", "kl"):
         assert key in stats and stats[key] == stats[key], key  # present and not nan
@@ -1136,6 +1155,134 @@ def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(make_confi
         a = load_file(Path(straight.out_dir) / "checkpoints" / "step-000002" / name)
         b = load_file(Path(crashed.out_dir) / "checkpoints" / "step-000002" / name)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+
+
+def run_files(run: Path) -> dict[str, bytes]:
+    """Every file of a run folder (checkpoints included), by relative path."""
+    return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture
+def finished_run(tiny_model_dir, tmp_path, monkeypatch):
+    """A finished 2-step GRPO run (a checkpoint every step, 2 samples a step), and its config."""
+    from transformers import AutoTokenizer
+    steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
+    cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False, samples=2)
+    searchr1.train(cfg)
+    return cfg
+
+
+def test_a_folder_that_holds_a_run_is_never_overwritten_without_resume_or_overwrite(finished_run):
+    run = Path(finished_run.out_dir)
+    before = run_files(run)
+    with pytest.raises(searchr1.UsageError, match="holds a run already: continue it with --resume, or start "
+                                                  "it over with --overwrite"):
+        searchr1.train(finished_run)
+    assert run_files(run) == before  # not a byte lost
+    with pytest.raises(searchr1.NothingToDo, match="at step 2 of --steps 2: nothing to do"):
+        searchr1.train(replace(finished_run, resume=True))
+    assert run_files(run) == before
+    searchr1.train(replace(finished_run, overwrite=True, steps=1))  # starts over: one step, one checkpoint
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [1]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000001"]
+
+
+def test_resume_stops_naming_every_setting_that_changes_what_the_run_computes(finished_run):
+    changed = replace(finished_run, resume=True, steps=3, lr=5e-3, seed=7, micro_batch_size=1, eval_every=1)
+    with pytest.raises(searchr1.UsageError) as error:
+        searchr1.train(changed)
+    message = str(error.value)  # steps may grow; micro-batching and reporting may change; lr and seed may not
+    assert "--lr 0.01 -> 0.005" in message and "--seed 0 -> 7" in message
+    assert "--steps" not in message and "--micro-batch-size" not in message and "--eval-every" not in message
+
+
+def test_every_checkpoint_stays_unless_only_the_newest_k_are_asked_for(finished_run, tmp_path):
+    run = Path(finished_run.out_dir)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000001", "step-000002"]
+    kept = replace(finished_run, out_dir=str(tmp_path / "kept"), steps=3, keep_checkpoints=2)
+    searchr1.train(kept)
+    assert sorted(p.name for p in (tmp_path / "kept" / "checkpoints").glob("step-*")) == ["step-000002",
+                                                                                        "step-000003"]
+    assert json.loads((tmp_path / "kept" / "checkpoints" / "latest.json").read_text())["step"] == 3
+
+
+def test_samples_show_what_the_policy_wrote_and_what_the_search_returned_and_each_eval_is_saved(finished_run):
+    from transformers import AutoTokenizer
+    run = Path(finished_run.out_dir)
+    rows = [json.loads(line) for line in (run / "samples.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 1, 2, 2]  # 2 a step, a seeded choice
+    questions = {q["question"]: q["golden_answers"] for q in searchr1.load_qa(finished_run.train_data)}
+    for r in rows:
+        assert r["golden_answers"] == questions[r["question"]]
+        # the steered policy answers at once: one segment the policy wrote, no search
+        assert [s["by"] for s in r["segments"]] == ["policy"] and r["queries"] == []
+        assert r["answer"] in ("y", "z") and r["reward"] == float(r["answer"] == "y")
+    tokenizer = AutoTokenizer.from_pretrained(finished_run.model)
+    searching = Trajectory(prompt_ids=[1], response_ids=[], loss_mask=[], queries=["q"])
+    for by, text in (("policy", "<search> q </search>"), ("search", "\n\n<information>Doc 1</information>\n\n"),
+                     ("policy", "<answer> y </answer>")):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        searching.response_ids += ids
+        searching.loss_mask += [int(by == "policy")] * len(ids)
+    searching.text = tokenizer.decode(searching.response_ids)
+    (row,) = searchr1.sample_rows(1, [{"question": "q?", "golden_answers": ["y"]}], [searching], torch.ones(1),
+                                  tokenizer, replace(finished_run, group_size=1))
+    assert [(s["by"], s["text"]) for s in row["segments"]] == [
+        ("policy", "<search> q </search>"), ("search", "\n\n<information>Doc 1</information>\n\n"),
+        ("policy", "<answer> y </answer>")]
+    assert row["answer"] == "y" and row["queries"] == ["q"] and row["reward"] == 1.0
+    saved = json.loads((run / "eval" / "step-000002.json").read_text())  # the last step evaluates
+    assert saved["em"] == json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["eval_em"]
+    assert len(saved["predictions"]) == finished_run.eval_size and "response" in saved["predictions"][0]
+
+
+def test_plot_draws_several_runs_metrics_in_one_png(finished_run, tmp_path):
+    run = Path(finished_run.out_dir)
+    png = tmp_path / "figure.png"
+    assert searchr1.main(["plot", str(run), str(run), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert searchr1.main(["plot", str(tmp_path)]) == 2  # not a run folder: one line, exit code 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--group-size", "1"], "--group-size 1: GRPO compares at least 2"),
+    (["--top-p", "1.5"], "--top-p 1.5: must be above 0 and at most 1"),
+    (["--lr", "0"], "--lr 0.0: must be above 0"),
+    (["--max-turns", "-1"], "--max-turns -1: must be at least 0"),
+    (["--warmup-ratio", "nan"], "--warmup-ratio nan: must be between 0 and 1"),
+    (["--algo", "dpo"], "--algo 'dpo': choose one of grpo, ppo"),
+    (["eval", "--limit", "-1"], "--limit -1: must be at least 0"),
+    (["eval", "--topk", "0"], "--topk 0: must be at least 1"),
+    (["ask", "--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["serve", "--port", "70000"], "--port 70000: must be 0"),
+])
+def test_a_bad_number_is_one_line_and_exit_code_2_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written anywhere
+    assert searchr1.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_the_commands_and_each_command_shows_only_its_own_flags(capsys):
+    assert searchr1.main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"\n  {name} " in listing for name in searchr1.COMMANDS)
+    def flags_of(command):
+        with pytest.raises(SystemExit):
+            searchr1.main([command, "--help"])
+        return set(re.findall(r"--[a-z0-9-]+", capsys.readouterr().out))
+    train, evaluate, serve = flags_of("train"), flags_of("eval"), flags_of("serve")
+    assert {"--lr", "--group-size", "--mini-batch-size", "--entropy-coef"} <= train
+    assert {"--max-turns", "--adapter", "--datasets", "--limit"} <= evaluate and "--lr" not in evaluate
+    assert serve == {"--help", "--corpus", "--index-dir", "--topk", "--host", "--port"}
+
+
+def test_python_older_than_3_11_is_told_so_in_one_line():
+    with pytest.raises(SystemExit, match="searchr1 needs Python 3.11 or newer; this is Python 3.10.12"):
+        searchr1.require_python((3, 10, 12))
+    searchr1.require_python((3, 11, 0))  # passes
 
 
 # ============================================================================ searchr1.py eval and ask
@@ -1945,17 +2092,67 @@ def warmed_up_task(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("algo, algo_defaults", [("grpo", {}), ("ppo", searchr1.TINY_PPO)])
-def test_rl_through_train_teaches_the_warmed_up_model_to_search(algo, algo_defaults, warmed_up_task, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_runs(warmed_up_task, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """The learning test's runs, GRPO and PPO from the same warm-up: algo -> (run folder, run_tiny's result)."""
+    runs = {}
+    for algo, algo_defaults in (("grpo", {}), ("ppo", searchr1.TINY_PPO)):
+        folder = tmp_path_factory.mktemp(algo)
+        cfg = replace(searchr1.Config(), **{**searchr1.TINY, **algo_defaults, "algo": algo, "model": "tiny",
+                                            "out_dir": str(folder), "steps": 8, "eval_every": 0, "eval_size": 50,
+                                            "save_every": 8})
+        shutil.copytree(warmed_up_task, folder / "task")
+        runs[algo] = folder, searchr1.run_tiny(cfg, LEARNING_TASK)
+    return runs
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_through_train_teaches_the_warmed_up_model_to_search(algo, tiny_runs):
     """The chapter's claim on a shorter schedule, for GRPO and for PPO: searchr1's own loop
     (rollout, EM reward, group or critic baseline, LoRA) turns a model that guesses into one that
     searches, and held-out EM follows."""
-    cfg = replace(searchr1.Config(), **{
-        **searchr1.TINY, **algo_defaults, "algo": algo, "model": "tiny", "out_dir": str(tmp_path), "steps": 8,
-        "eval_every": 0, "eval_size": 50, "save_every": 8})
-    shutil.copytree(warmed_up_task, tmp_path / "task")
-    result = searchr1.run_tiny(cfg, LEARNING_TASK)
+    _, result = tiny_runs[algo]
     before, after = result["before"], result["after"]
     assert before["searches"] < 0.2            # the warm-up guesses ...
     assert after["searches"] > 0.8             # ... RL makes it search ...
     assert after["em"] >= before["em"] + 0.3   # ... and answer held-out questions right
+
+
+def held_out_fact(run: Path) -> tuple[str, str]:
+    """A held-out question of the tiny run and its answer."""
+    config = json.loads((run / "config.json").read_text())
+    q = searchr1.load_qa(config["eval_data"])[0]
+    return q["question"], q["golden_answers"][0]
+
+
+def test_the_tiny_agent_just_trained_can_be_asked_and_evaluated(tiny_runs, capsys, tmp_path):
+    run, _ = tiny_runs["grpo"]
+    question, answer = held_out_fact(run)
+    assert searchr1.main(["ask", "--model", "tiny", "--adapter", str(run), question]) == 0
+    shown = capsys.readouterr().out
+    assert "<search>" in shown and "[found: " in shown and f"answer: {answer}" in shown
+    qa = write_jsonl(tmp_path / "held_out.jsonl", searchr1.load_qa(json.loads((run / "config.json").read_text())
+                                                                   ["eval_data"])[:20])
+    assert searchr1.main(["eval", "--model", "tiny", "--adapter", str(run / "checkpoints" / "step-000008"),
+                          "--datasets", str(qa), "--methods", "search-r1", "--out-dir", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "search-r1" / "held_out.json").read_text())["em"] >= 0.8
+    assert searchr1.main(["ask", "--model", "tiny", question]) == 2  # tiny without its run: one line
+
+
+def test_export_writes_a_plain_model_whose_greedy_rollouts_equal_the_adapters(tiny_runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+    run, _ = tiny_runs["grpo"]
+    out = tmp_path / "merged"
+    assert searchr1.main(["export", "--model", "tiny", "--adapter", str(run), "--out", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)  # a plain transformers model: no peft, no adapter
+    assert merged.dtype == torch.bfloat16 and not any("lora" in name for name, _ in merged.named_parameters())
+    cfg = searchr1.tiny_agent(replace(searchr1.Config(), **searchr1.TINY, model="tiny"), str(run))
+    tokenizer, adapted = searchr1.load_agent(cfg, str(run), torch.device("cpu"))
+    questions = searchr1.load_qa(json.loads((run / "config.json").read_text())["eval_data"])[:16]
+    search = searchr1.make_search(cfg)
+    greedy = cfg.rollout_config(greedy=True)
+    prompts = [build_prompt(q["question"], tokenizer, chat=False) for q in questions]
+    by_adapter = [t.response_ids for t in rollout(adapted, tokenizer, prompts, search, greedy)]
+    by_merged = [t.response_ids for t in rollout(merged.float(), tokenizer, prompts, search, greedy)]
+    assert by_merged == by_adapter
+    assert searchr1.main(["export", "--model", "tiny", "--adapter", str(run), "--out", str(out)]) == 2  # not empty
