@@ -6,20 +6,20 @@ the real path (`BM25Index.open`). Each engine runs in a fresh child process, whi
 peak RSS, so no engine's memory (or the corpus generator's) counts against another. queries/s
 counts the whole call: tokenizing, ranking and returning the top-3 passages' text.
 
-rollout: rollout.py against the naive way, same model, same tokens.
+rollout: rollout.rollout against rollout.rollout_plain, same model, same tokens.
 
-The naive way is what the reference implementation's engine does: every turn, generate again over
-each whole history (prompt, earlier turns, observations), prefilling it from scratch, here with
-Hugging Face's model.generate (it stops each row where the script ends, as an engine stops on the
-stop string). rollout.py instead continues one KV cache, prefills only the new observation, drops
-sequences that finished their turn from the batch and writes the cache in place.
+The plain way is what the reference implementation's engine does: every turn, generate again over
+each whole history (prompt, earlier turns, observations), prefilling it from scratch, with Hugging
+Face's model.generate stopping each row at its stop string. rollout() instead continues one KV
+cache, prefills only the new observation, drops sequences that finished their turn from the batch
+and writes the cache in place.
 
-Random weights write no stop tags, so what is sampled is forced by a script (rollout's logits hook,
-a LogitsProcessor for generate): each turn is `<search>` + filler + `</search>`, of the length the
+Random weights write no stop tags, so what is sampled is forced by a script (the rollouts' logits
+hook): each turn is `<search>` + filler + `</search>`, of the length the
 script sets (the last turn's search is not run, as in Search-R1). `--lengths equal` runs every turn
 to the per-turn budget; `--lengths varied` draws each turn's length from a seeded schedule, as real
 stop strings make them. Both ways must produce the very same tokens; the table says whether they did.
-The pieces (forced_script, script_hook, generate_rollout) are meant for other benchmarks too.
+The pieces (forced_script, script_hook) are meant for other benchmarks too.
 
 serve: queries/s of the same BM25 index searched in-process and through `python searchr1.py serve`
 (Search-R1's HTTP API, search_api.py), with 1 and with several concurrent clients, in interleaved
@@ -46,14 +46,12 @@ from unittest import mock
 
 import numpy as np
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList,
-                          Qwen2Config,
-                          Qwen2ForCausalLM, StoppingCriteria, StoppingCriteriaList)
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 import searchr1
 from grpo import token_logprobs
 from retriever import format_passages
-from rollout import INVALID_ACTION, RolloutConfig, build_prompt, observation, pad_id, parse_action, rollout
+from rollout import RolloutConfig, build_prompt, observation, rollout, rollout_plain
 from searchr1 import clock, peak_memory_gb
 
 LOGPROB_CHUNK = inspect.signature(token_logprobs).parameters["chunk"].default  # positions of logits at a time
@@ -234,73 +232,9 @@ def forced_script(tokenizer, lengths: torch.Tensor, vocab: int, seed: int) -> to
 def script_hook(script: torch.Tensor):
     """rollout's logits_hook that makes row r sample script[r, turn, step] (script on the model's device)."""
     def hook(logits, rows, turn, step):
-        forced = script[rows, turn, step].clamp(min=0)  # (A,)
+        forced = script[rows, turn, min(step, script.shape[2] - 1)].clamp(min=0)  # (A,); rows past the end: any
         return torch.full_like(logits, float("-inf")).scatter_(1, forced[:, None], 0.0)
     return hook
-
-
-class _Force(LogitsProcessor):
-    """The same script for model.generate: batch row i is trajectory rows[i], `start` is its prompt width."""
-
-    def __init__(self, script, rows, turn, start):
-        self.hook, self.rows, self.turn, self.start = script_hook(script), rows, turn, start
-        self.last = script.shape[2] - 1  # rows that are done keep being computed by generate: clamp their step
-
-    def __call__(self, input_ids, scores):
-        return self.hook(scores, self.rows, self.turn, min(input_ids.shape[1] - self.start, self.last))
-
-
-class _StopAt(StoppingCriteria):
-    """Row i of the batch is done once it has sampled lengths[i] tokens (where its stop string ends)."""
-
-    def __init__(self, lengths, start):
-        self.lengths, self.start = lengths, start
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return (input_ids.shape[1] - self.start) >= self.lengths
-
-
-def generate_rollout(model, tokenizer, prompts, search, cfg: RolloutConfig, script: torch.Tensor) -> list[list[int]]:
-    """The naive multi-turn rollout: per turn, model.generate over every whole history; returns response ids."""
-    device = next(model.parameters()).device
-    pad = pad_id(tokenizer)
-    histories = [list(p) for p in prompts for _ in range(cfg.n_samples)]
-    responses = [[] for _ in histories]
-    going = list(range(len(histories)))
-    script = script.to(device)
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                           pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    for turn in range(cfg.max_turns + 1):
-        width = max(len(histories[r]) for r in going)
-        ids = torch.tensor([[pad] * (width - len(histories[r])) + histories[r] for r in going], device=device)
-        mask = torch.tensor([[0] * (width - len(histories[r])) + [1] * len(histories[r]) for r in going], device=device)
-        rows = torch.tensor(going, device=device)
-        lengths = (script[rows, turn] >= 0).sum(1)  # (A,) tokens each row samples this turn
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
-                             logits_processor=LogitsProcessorList([_Force(script, rows, turn, width)]),
-                             stopping_criteria=StoppingCriteriaList([_StopAt(lengths, width)]))
-        nxt, queries, obs = [], [], {}
-        for i, r in enumerate(going):
-            sampled = out[i, width : width + int(lengths[i])].tolist()
-            histories[r] += sampled
-            responses[r] += sampled
-            kind, content = parse_action(tokenizer.decode(sampled))
-            if turn < cfg.max_turns and kind != "answer":
-                nxt.append(r)
-                if kind == "search":
-                    queries.append((r, content))
-                else:
-                    obs[r] = INVALID_ACTION
-        for (r, _), passages in zip(queries, search([q for _, q in queries]) if queries else []):
-            obs[r] = observation(passages)
-        for r in nxt:
-            tokens = tokenizer(obs[r], add_special_tokens=False)["input_ids"][: cfg.max_obs_tokens]
-            histories[r] += tokens
-            responses[r] += tokens
-        going = nxt
-        if not going:
-            break
-    return responses
 
 
 class _ModuloEmbedding(torch.nn.Module):
@@ -327,7 +261,7 @@ def bench_rollout(args) -> list[dict]:
         tie_word_embeddings=False)).eval()
     model.set_input_embeddings(_ModuloEmbedding(model.get_input_embeddings()))
     cfg = RolloutConfig(max_turns=args.turns - 1, max_new_tokens=args.tokens_per_turn, max_obs_tokens=args.obs_tokens,
-                        temperature=1.0, n_samples=1)
+                        temperature=1.0, top_p=1.0, n_samples=1)
     passages = "Doc 1(Title: Bench) " + "a passage of retrieved text " * args.obs_tokens  # cut to obs-tokens
     search = lambda queries: [passages] * len(queries)  # noqa: E731
     g = torch.Generator().manual_seed(args.seed)
@@ -340,8 +274,8 @@ def bench_rollout(args) -> list[dict]:
         script = forced_script(tokenizer, lengths, args.vocab, args.seed)
         ours = lambda n=args.trajectories: rollout(model, tokenizer, prompts[:n], search, cfg,  # noqa: E731
                                                    logits_hook=script_hook(script[:n]))
-        naive = lambda n=args.trajectories: generate_rollout(model, tokenizer, prompts[:n], search, cfg,  # noqa: E731
-                                                             script[:n])
+        naive = lambda n=args.trajectories: rollout_plain(model, tokenizer, prompts[:n], search, cfg,  # noqa: E731
+                                                          logits_hook=script_hook(script[:n]))
         ours(4), naive(4)  # warm-up
         best = {}  # way -> (wall s, CPU s), each the least over the repeats; CPU time is steadier when shared
         for _ in range(args.repeats):
@@ -353,7 +287,7 @@ def bench_rollout(args) -> list[dict]:
                 if name == "ours":
                     trajs = out
                 else:
-                    same = [t.response_ids for t in trajs] == out
+                    same = [t.response_ids for t in trajs] == [t.response_ids for t in out]
         sampled = sum(sum(t.loss_mask) for t in trajs)
         (ours_s, ours_cpu), (naive_s, naive_cpu) = best["ours"], best["naive"]
         results.append({"lengths": mode, "sampled_tokens": sampled, "ours_s": ours_s, "naive_s": naive_s,
@@ -543,6 +477,15 @@ def bench_gpu(args) -> dict:
     whole history every turn, in the same chunks of rollout_batch_size questions (the same tokens,
     checked). --tiny runs all of it on the CPU with a tiny Qwen2.
     """
+    r = gpu_measure(args)
+    r["estimate"] = gpu_estimate(r, args)
+    gpu_print(r, args)
+    return r
+
+
+def gpu_measure(args) -> dict:
+    """bench_gpu's measurements: the plain rollout, then one real train_step, on the forced script;
+    with the setting, the memory arithmetic and (--profile) the top ops, as text for gpu_print."""
 
     for key, value in (GPU_TINY_SIZES if args.tiny else GPU_SIZES).items():
         if getattr(args, key) is None:
@@ -599,10 +542,11 @@ def bench_gpu(args) -> dict:
     model.eval()
     short = dataclasses.replace(rollout_cfg, max_new_tokens=4)  # warm-up: kernels, allocator, caches
     rollout(model, tokenizer, prompts[:1], search, short, logits_hook=hook)
-    generate_rollout(model, tokenizer, prompts[:1], search, short, script)
+    rollout_plain(model, tokenizer, prompts[:1], search, short, logits_hook=hook)
     naive = _measure("model.generate", lambda: [  # in train_step's chunks
-        t for i in range(0, len(prompts), chunk)
-        for t in generate_rollout(model, tokenizer, prompts[i: i + chunk], search, rollout_cfg, script)], device, notes)
+        t.response_ids for i in range(0, len(prompts), chunk)
+        for t in rollout_plain(model, tokenizer, prompts[i: i + chunk], search, rollout_cfg, logits_hook=hook)],
+        device, notes)
 
     # --- one real GRPO step whose rollout follows the script; the parameters before it, to see what it changed
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -633,37 +577,11 @@ def bench_gpu(args) -> dict:
         r.update({key: stats[key] for key in ("rollout_s", "logprob_s", "update_s", "step_s", "reward")})
         r["ours_tok_s"], r["steps_in_3h"] = stats["tokens_per_s"], 3 * 3600 / stats["step_s"]
     r["ratio"] = r["ours_tok_s"] / r["generate_tok_s"] if trained and naive else None
-    measured = ((args.device_tbps, args.device_tflops) if args.device_tbps and args.device_tflops
-                else next((numbers for piece, numbers in CARDS.items() if piece in device_name), None))
-    estimate = None
-    if measured and trained:
-        by_bandwidth, by_flops = measured[0] / args.card_tbps, measured[1] / args.card_tflops
-        step_s = r["rollout_s"] * by_bandwidth + (r["logprob_s"] + r["update_s"]) * by_flops
-        estimate = {**r, "device": f"{args.card_name} (estimate)", "ours_tok_s": r["ours_tok_s"] / by_bandwidth,
-                    "generate_tok_s": r["generate_tok_s"] and r["generate_tok_s"] / by_bandwidth,
-                    "rollout_s": r["rollout_s"] * by_bandwidth, "logprob_s": r["logprob_s"] * by_flops,
-                    "update_s": r["update_s"] * by_flops, "step_s": step_s, "steps_in_3h": 3 * 3600 / step_s}
-    r["estimate"] = estimate
-
-    # --- the table
-    def cell(row, key, spec):
-        return "OOM" if row.get(key) is None else format(row[key], spec)
     obs_tokens = min(len(encode(observation(passages))), cfg.max_obs_tokens)
     cap = f"GPU memory capped at {args.memory_cap_gb:g} GiB" if cuda else "CPU: peak GB is the process's peak RSS"
-    print(f"\n{r['model']}; {r['batch']} trajectories in rollout chunks of {chunk} question{'s' * (chunk > 1)}, "
-          f"{turns} turns of {args.tokens_per_turn} forced tokens, observations of {cfg.topk} passages ({obs_tokens} "
-          f"tokens), micro-batch {cfg.micro_batch_size}, gradient checkpointing; {cap}")
-    print("| " + " | ".join(GPU_COLUMNS) + " |")
-    print("|" + "---|" * len(GPU_COLUMNS))
-    numbers = [("ours_tok_s", ",.0f"), ("generate_tok_s", ",.0f"), ("ratio", ".2f"), ("rollout_s", ".1f"),
-               ("logprob_s", ".1f"), ("update_s", ".1f"), ("step_s", ".1f"), ("peak_gb", ".2f"), ("steps_in_3h", ".0f")]
-    for row in [r] + ([estimate] if estimate else []):  # the columns of GPU_COLUMNS
-        print("| " + " | ".join([row["device"], row["model"], row["batch"]]
-                                + [cell(row, key, spec) for key, spec in numbers]) + " |")
-    same = {True: "yes", False: "NO", None: "not compared"}[r["same_tokens"]]
-    print(f"sampled tokens {cell(r, 'sampled_tokens', 'd')} of {forced} forced, the same both ways: {same}; peak GB: "
-          f"generate {cell(r, 'generate_peak_gb', '.2f')}, train step {cell(r, 'peak_gb', '.2f')}; the step changed "
-          f"{r['changed_lora']} LoRA tensors and {r['changed_frozen']} others; reward {cell(r, 'reward', '.2f')}")
+    r["setting"] = (f"{r['model']}; {r['batch']} trajectories in rollout chunks of {chunk} question{'s' * (chunk > 1)}, "
+                    f"{turns} turns of {args.tokens_per_turn} forced tokens, observations of {cfg.topk} passages "
+                    f"({obs_tokens} tokens), micro-batch {cfg.micro_batch_size}, gradient checkpointing; {cap}")
     # memory arithmetic: keys and values of a rollout chunk at full length; fp32 logits of one micro-batch,
     # whole (what a plain forward would make) and one chunk of grpo.token_logprobs (what is made)
     response = turns * args.tokens_per_turn + cfg.max_turns * obs_tokens
@@ -673,9 +591,61 @@ def bench_gpu(args) -> dict:
              * (2 if cuda else 4)) / 2**30  # keys and values, bf16 on CUDA, fp32 on the CPU
     logits_gb = cfg.micro_batch_size * response * architecture["vocab_size"] * 4 / 2**30
     chunk_gb = logits_gb * min(1.0, LOGPROB_CHUNK / response)
-    print(f"memory arithmetic: KV cache of one rollout chunk ({rows} x {longest} tokens) {kv_gb:.2f} GB; "
-          f"fp32 logits of one micro-batch {logits_gb:.2f} GB whole, {chunk_gb:.2f} GB a chunk of "
-          f"{LOGPROB_CHUNK} positions as grpo.token_logprobs makes them")
+    r["memory"] = (f"memory arithmetic: KV cache of one rollout chunk ({rows} x {longest} tokens) {kv_gb:.2f} GB; "
+                   f"fp32 logits of one micro-batch {logits_gb:.2f} GB whole, {chunk_gb:.2f} GB a chunk of "
+                   f"{LOGPROB_CHUNK} positions as grpo.token_logprobs makes them")
+    r["profile"] = None
+    if args.profile and trained:  # one more step under the profiler: where its seconds go
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as profiler:
+            profiled = _measure("the profiled step", step, device, notes)
+        if profiled:
+            order = "self_device_time_total" if cuda else "self_cpu_time_total"
+            r["profile"] = (f"profile of one more train_step ({profiled[1]:.1f} s with the profiler on), top ops by "
+                            f"{order}:\n" + profiler.key_averages().table(sort_by=order, row_limit=args.profile_rows))
+    return r
+
+
+def device_numbers(device_name: str, args) -> tuple[float, float] | None:
+    """(TB/s, dense bf16 TFLOPS) of the measured device: given, or from CARDS, or None."""
+    if args.device_tbps and args.device_tflops:
+        return args.device_tbps, args.device_tflops
+    return next((numbers for piece, numbers in CARDS.items() if piece in device_name), None)
+
+
+def gpu_estimate(r: dict, args) -> dict | None:
+    """The consumer card (--card-*) scaled from the measured device: the rollout by memory bandwidth,
+    the log-prob and update passes by FLOPs. None without a measured step or the device's numbers."""
+    measured = device_numbers(r["device"], args)
+    if not (measured and r.get("step_s")):
+        return None
+    by_bandwidth, by_flops = measured[0] / args.card_tbps, measured[1] / args.card_tflops
+    step_s = r["rollout_s"] * by_bandwidth + (r["logprob_s"] + r["update_s"]) * by_flops
+    return {**r, "device": f"{args.card_name} (estimate)", "ours_tok_s": r["ours_tok_s"] / by_bandwidth,
+            "generate_tok_s": r["generate_tok_s"] and r["generate_tok_s"] / by_bandwidth,
+            "rollout_s": r["rollout_s"] * by_bandwidth, "logprob_s": r["logprob_s"] * by_flops,
+            "update_s": r["update_s"] * by_flops, "step_s": step_s, "steps_in_3h": 3 * 3600 / step_s}
+
+
+def gpu_print(r: dict, args) -> None:
+    """bench_gpu's table: the measured device and the estimate, the targets, notes and the profile."""
+    def cell(row, key, spec):
+        return "OOM" if row.get(key) is None else format(row[key], spec)
+    estimate = r["estimate"]
+    print(f"\n{r['setting']}")
+    print("| " + " | ".join(GPU_COLUMNS) + " |")
+    print("|" + "---|" * len(GPU_COLUMNS))
+    numbers = [("ours_tok_s", ",.0f"), ("generate_tok_s", ",.0f"), ("ratio", ".2f"), ("rollout_s", ".1f"),
+               ("logprob_s", ".1f"), ("update_s", ".1f"), ("step_s", ".1f"), ("peak_gb", ".2f"), ("steps_in_3h", ".0f")]
+    for row in [r] + ([estimate] if estimate else []):  # the columns of GPU_COLUMNS
+        print("| " + " | ".join([row["device"], row["model"], row["batch"]]
+                                + [cell(row, key, spec) for key, spec in numbers]) + " |")
+    same = {True: "yes", False: "NO", None: "not compared"}[r["same_tokens"]]
+    print(f"sampled tokens {cell(r, 'sampled_tokens', 'd')} of {r['forced_tokens']} forced, the same both ways: "
+          f"{same}; peak GB: generate {cell(r, 'generate_peak_gb', '.2f')}, train step {cell(r, 'peak_gb', '.2f')}; "
+          f"the step changed {r['changed_lora']} LoRA tensors and {r['changed_frozen']} others; "
+          f"reward {cell(r, 'reward', '.2f')}")
+    print(r["memory"])
     print("targets (issue 6):")
     for row in [r] + ([estimate] if estimate else []):
         peak_ok = row.get("peak_gb") is not None and row["peak_gb"] < GPU_TARGETS["peak_gb"]
@@ -683,27 +653,20 @@ def bench_gpu(args) -> dict:
         print(f"  {row['device']}: peak memory {cell(row, 'peak_gb', '.2f')} GB (< {GPU_TARGETS['peak_gb']}): "
               f"{'met' if peak_ok else 'NOT met'}; GRPO steps in 3 h {cell(row, 'steps_in_3h', '.0f')} "
               f"(>= {GPU_TARGETS['steps_in_3h']}): {'met' if steps_ok else 'NOT met'}")
+    measured = device_numbers(r["device"], args)
     if estimate:
-        print(f"estimate: {device_name} taken as {measured[0]:g} TB/s and {measured[1]:g} dense bf16 TFLOPS, "
+        print(f"estimate: {r['device']} taken as {measured[0]:g} TB/s and {measured[1]:g} dense bf16 TFLOPS, "
               f"{args.card_name} as {args.card_tbps:g} TB/s and {args.card_tflops:g}. The rollout's time is scaled "
               "by memory bandwidth (decoding reads every weight and the KV cache for each token), the log-prob and "
               "update passes by FLOPs; the 4-bit dequantization and the CPU-side sampling loop follow neither, so "
               "it is a rough figure; peak memory is the measured one (same code, same cap).")
     elif not measured:
-        print(f"no consumer-card estimate: the peak numbers of {device_name} are unknown "
+        print(f"no consumer-card estimate: the peak numbers of {r['device']} are unknown "
               "(give --device-tbps and --device-tflops)")
-    for note in notes:
+    for note in r["notes"]:
         print(f"note: {note}")
-
-    if args.profile and trained:  # one more step under the profiler: where its seconds go
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as profiler:
-            profiled = _measure("the profiled step", step, device, notes)
-        if profiled:
-            order = "self_device_time_total" if cuda else "self_cpu_time_total"
-            print(f"\nprofile of one more train_step ({profiled[1]:.1f} s with the profiler on), top ops by {order}:")
-            print(profiler.key_averages().table(sort_by=order, row_limit=args.profile_rows))
-    return r
+    if r["profile"]:
+        print(f"\n{r['profile']}")
 
 
 def main(argv: list[str] | None = None):

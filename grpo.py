@@ -23,8 +23,33 @@ Where this departs from Search-R1's released script (veRL):
   a time, with the logits recomputed in backward, so the (B, T, V) logits tensor never exists.
 This module is tensor maths over a model's outputs and imports nothing of ours.
 """
+from dataclasses import dataclass
+
 import torch
 from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Batch:
+    """A micro-batch of trajectories as tensors, every row laid out [left pad | prompt | response | right pad].
+
+    input_ids, attention_mask (B, P + R): the tokens; attention_mask 1 = a real token, 0 = padding.
+    response_start: P, the column where every response starts.
+    loss_mask (B, R): 1 = a token the loss is taken over -- one the policy sampled; with retrieved-token
+        masking off (the paper's ablation), every real response token, retrieved ones included.
+    advantages: GRPO (B,), one per trajectory, broadcast to its tokens; PPO (B, R), one per token.
+    old_logp, ref_logp (B, R): log pi_old and log pi_ref of each response token (computed after packing).
+    values, returns (B, R): PPO only, V_old(s_t) and the critic's target G_t (ppo.token_advantages).
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_start: int
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -150,11 +175,14 @@ def entropy_bonus(loss, entropy, loss_mask, n_tokens, entropy_coef: float):
     return loss - entropy_coef * entropy_sum / n_tokens, entropy_sum.item()
 
 
-def mini_batches(updates: list[list[dict]]):
-    """A step's mini-batches (each a list of micro-batches, one optimizer step), with their token counts.
+def batch_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
+    """token_logprobs of a Batch's response tokens: (B, R), or ((B, R), (B, R)) with their entropies."""
+    return token_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_start, temperature,
+                          with_entropy=with_entropy)
 
-    Yields (mini_batch, n_tokens): n_tokens counts the train_mask tokens of the whole mini-batch,
-    the denominator of its token mean (grpo_loss, and ppo.py's actor and critic losses).
-    """
-    for mini_batch in updates:
-        yield mini_batch, max(sum(mb["train_mask"].sum().item() for mb in mini_batch), 1.0)
+
+def batch_loss(model, batch: Batch, n_tokens: float, cfg):
+    """GRPO's loss of one micro-batch (its share of the mini-batch's token mean) and its stats' sums."""
+    logp, entropy = batch_logprobs(model, batch, cfg.temperature, with_entropy=True)   # (b, R), with grad
+    return grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.loss_mask, n_tokens,
+                     cfg.clip_eps, cfg.kl_coef, entropy, cfg.entropy_coef)

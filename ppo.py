@@ -17,7 +17,7 @@ Retrieved-token masking: tokens the search engine inserted carry no reward, and 
 the value of the last sampled token before an <information> block bootstraps from the value of
 the first sampled token after it, as if the block were part of the environment's transition
 (which it is). They are kept out of the whitening statistics and both losses. The ablation
-(--no-mask-observations) passes response_mask instead, and every real response token counts.
+(--no-mask-observations) makes every real response token count (the batch's loss_mask).
 
 The critic is a second LoRA adapter ("critic") on the policy's own 4-bit base plus a value head,
 nn.Linear(hidden, 1), on the last hidden state; the base weights are held once. peft runs one
@@ -39,8 +39,8 @@ This module is tensor maths over a model's outputs; it imports only grpo.py of o
 import torch
 import torch.nn.functional as F
 
-from grpo import (clipped_policy_loss, entropy_bonus, low_var_kl, masked_sum, mini_batches, response_states,
-                  token_logprobs)
+from grpo import (batch_logprobs, clipped_policy_loss, entropy_bonus, low_var_kl, masked_sum,
+                  response_states)
 
 ACTOR, CRITIC = "default", "critic"  # peft adapter names: the policy's (peft's default) and the critic's
 
@@ -153,59 +153,49 @@ def explained_variance(values, returns, mask) -> float:
     return (1 - (returns - values)[in_loss].var() / var_returns).item() if var_returns > 0 else float("nan")
 
 
-def ppo_update(model, optimizer, updates, rewards, cfg, device) -> tuple[dict, list[float], dict]:
-    """Critic values -> token rewards -> GAE -> whitening -> actor and critic steps, per mini-batch.
+def token_advantages(model, batches: list, rewards, cfg) -> dict:
+    """PPO's baseline, before the update: critic values -> token rewards -> GAE -> whitening.
 
-    updates: mini-batches of micro-batches from searchr1.train_step, with old_logp, ref_logp,
-    train_mask; rewards: (N,) outcomes in the same order. Returns (token sums of the stats, actor
-    grad norms, batch stats).
+    batches: every micro-batch of the step (grpo.Batch, with old_logp, ref_logp), in trajectory
+    order; rewards (N,): their outcomes. Sets each batch's per-token advantages, values and returns;
+    returns the batch-wide stats (explained variance, KL).
     """
-    def forward(mb, adapter):  # log-probs and entropies under the actor, values under the critic: (b, R)
-        model.set_adapter(adapter)
-        args = mb["input_ids"].to(device), mb["attention_mask"].to(device), mb["response_start"]
-        if adapter == ACTOR:
-            return token_logprobs(model, *args, cfg.temperature, with_entropy=True)
-        return token_values(model, *args)
-
-    micro_batches = [mb for mini_batch in updates for mb in mini_batch]
+    model.set_adapter(CRITIC)
     with torch.no_grad():
-        for mb in micro_batches:
-            mb["old_values"] = forward(mb, CRITIC)                             # V_old, (b, R)
+        for batch in batches:  # V_old(s_t), (b, R)
+            batch.values = token_values(model, batch.input_ids, batch.attention_mask, batch.response_start)
         # GAE over the whole batch: micro-batches right-padded to one width R, then stacked
-        R = max(mb["train_mask"].shape[1] for mb in micro_batches)
-        stack = lambda key: torch.cat([F.pad(mb[key], (0, R - mb[key].shape[1])) for mb in micro_batches])
-        mask, values = stack("train_mask"), stack("old_values")                # (N, R)
+        R = max(batch.loss_mask.shape[1] for batch in batches)
+        stack = lambda name: torch.cat([F.pad(getattr(b, name), (0, R - b.loss_mask.shape[1])) for b in batches])
+        mask, values = stack("loss_mask"), stack("values")                     # (N, R)
         old_logp, ref_logp = stack("old_logp"), stack("ref_logp")
-        token_r = token_rewards(rewards.to(device), old_logp, ref_logp, mask, cfg.kl_coef)
+        token_r = token_rewards(rewards.to(mask.device), old_logp, ref_logp, mask, cfg.kl_coef)
         advantages, returns = gae(token_r, values, mask, cfg.gae_gamma, cfg.gae_lambda)
         advantages = whiten(advantages, mask)                                  # over the whole batch
         kl = low_var_kl(old_logp, ref_logp)
-        # explained variance of the critic that GAE used (before this step's update), as cleanrl logs it
-        batch_stats = {"explained_variance": explained_variance(values, returns, mask),
-                       "kl": masked_sum(kl, mask).item() / max(mask.sum().item(), 1)}
         row = 0
-        for mb in micro_batches:
-            b, r = mb["train_mask"].shape
-            mb["ppo_advantages"], mb["returns"] = advantages[row: row + b, :r], returns[row: row + b, :r]
+        for batch in batches:
+            b, r = batch.loss_mask.shape
+            batch.advantages, batch.returns = advantages[row: row + b, :r], returns[row: row + b, :r]
             row += b
-
-    sums = {"policy_loss": 0.0, "entropy": 0.0, "clip_frac": 0.0, "value_loss": 0.0, "value_clip_frac": 0.0}
-    grad_norms = []
-    actor_params, critic_params = (group["params"] for group in optimizer.param_groups)
-    for mini_batch, n_tokens in mini_batches(updates):
-        for mb in mini_batch:
-            loss, c_stats = critic_loss(forward(mb, CRITIC), mb["old_values"], mb["returns"],
-                                        mb["train_mask"], n_tokens, cfg.value_clip)
-            loss.backward()  # before the adapter changes: checkpointed layers recompute under it
-            logp, entropy = forward(mb, ACTOR)
-            loss, a_stats = actor_loss(logp, mb["old_logp"], mb["ppo_advantages"], mb["train_mask"], n_tokens,
-                                       cfg.clip_eps, entropy, cfg.entropy_coef)
-            loss.backward()
-            for key, value in {**c_stats, **a_stats}.items():
-                sums[key] += value
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm).item())
-        torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
     model.set_adapter(ACTOR)
-    return sums, grad_norms, batch_stats
+    # explained variance of the critic that GAE used (before this step's update), as cleanrl logs it
+    return {"explained_variance": explained_variance(values, returns, mask),
+            "kl": masked_sum(kl, mask).item() / max(mask.sum().item(), 1)}
+
+
+def batch_loss(model, batch, n_tokens: float, cfg):
+    """PPO's loss of one micro-batch: the critic's, backpropagated here, then the actor's, returned
+    for the caller's backward (each a share of the mini-batch's token mean), and their stats' sums."""
+    model.set_adapter(CRITIC)
+    values = token_values(model, batch.input_ids, batch.attention_mask, batch.response_start)      # (b, R)
+    loss, critic_stats = critic_loss(values, batch.values, batch.returns, batch.loss_mask, n_tokens,
+                                     cfg.value_clip)
+    # backward now, before the adapter changes: with gradient checkpointing, backward re-runs each
+    # layer, and it must re-run it under the adapter that ran the forward pass
+    loss.backward()
+    model.set_adapter(ACTOR)
+    logp, entropy = batch_logprobs(model, batch, cfg.temperature, with_entropy=True)             # (b, R)
+    loss, actor_stats = actor_loss(logp, batch.old_logp, batch.advantages, batch.loss_mask, n_tokens,
+                                   cfg.clip_eps, entropy, cfg.entropy_coef)
+    return loss, {**critic_stats, **actor_stats}

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicLayer
 
 from eval import clean_question
@@ -95,13 +96,13 @@ def encode_prompt(text: str, tokenizer, chat: bool) -> list[int]:
 
 
 @dataclass
-class RolloutConfig:
-    max_turns: int = 2  # turns whose search is run; then one last turn that runs none (2 in the GRPO script)
-    max_new_tokens: int = 500  # tokens sampled per turn at most (the paper's per-turn budget)
-    max_obs_tokens: int = 500  # tokens of an observation kept, the rest cut (the paper's max_obs_length)
-    temperature: float = 1.0  # softmax temperature; 1.0 as in the GRPO script; 0 = greedy (evaluation)
-    top_p: float = 1.0  # nucleus sampling mass; 1.0 = off, as in the GRPO script
-    n_samples: int = 5  # trajectories per prompt = the GRPO group size (5 in the paper)
+class RolloutConfig:  # built by searchr1.Config.rollout_config(), where each default lives
+    max_turns: int  # turns whose search is run; then one last turn that runs none
+    max_new_tokens: int  # tokens sampled per turn at most (the paper's per-turn budget)
+    max_obs_tokens: int  # tokens of an observation kept, the rest cut (the paper's max_obs_length)
+    temperature: float  # softmax temperature; 0 = greedy (evaluation)
+    top_p: float  # nucleus sampling mass; 1.0 = off
+    n_samples: int  # trajectories per prompt (the GRPO group size)
 
 
 @dataclass
@@ -131,6 +132,219 @@ def observation(passages: str) -> str:
     return f"\n\n<information>{passages.strip()}</information>\n\n"
 
 
+def eos_ids(model, tokenizer) -> set[int]:
+    """The ids that end a turn: the tokenizer's EOS and the model's (Qwen's instruct models have two)."""
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # None, an id or a list
+    return {tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])} - {None}
+
+
+def turn_ends(tokenizer, eos: set[int], budget: int) -> Callable[[list[list[int]]], list[bool]]:
+    """turn_over(turns) -> for each turn's sampled ids so far: is that turn over? At EOS, at the token
+    budget, or at the token that completes a stop string (found on the decoded tail of the turn)."""
+    def turn_over(turns: list[list[int]]) -> list[bool]:
+        tails = tokenizer.batch_decode([ids[-_TAIL:] for ids in turns])
+        return [ids[-1] in eos or len(ids) == budget or any(stop in tail for stop in STOP_STRINGS)
+                for ids, tail in zip(turns, tails)]
+    return turn_over
+
+
+# ============================================================================ the Search-R1 loop
+@torch.inference_mode()
+def rollout(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    search: Callable[[list[str]], list[str]],
+    cfg: RolloutConfig,
+    logits_hook: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[Trajectory]:
+    """Sample cfg.n_samples trajectories per prompt, prompt-major (all samples of prompt 0 first).
+
+    search: a batch of queries -> per query the formatted passages ("Doc 1(Title: ...) ...\nDoc 2(...");
+        how many passages (top-k) is its choice. Called once per turn with every query of that turn.
+    logits_hook(logits (A, V), rows (A,), turn, step) -> logits: for tests and benchmarks, changes what
+        is sampled (rows = trajectory indices, step = tokens already sampled this turn); the log-probs
+        recorded stay the model's own.
+    generator: a torch.Generator on the model's device makes sampling reproducible; None uses the global RNG.
+    The model runs in eval mode (no dropout) on its own device and dtype, and gets its mode back after.
+    """
+    trajs = [Trajectory(prompt_ids=list(p)) for p in prompts for _ in range(cfg.n_samples)]
+    if any(not t.prompt_ids for t in trajs):
+        raise ValueError("rollout: every prompt needs at least one token")
+    was_training = model.training
+    model.eval()  # no dropout while sampling; gradient checkpointing would also switch the cache off
+    decoder = _CachedDecoder(model, pad_id(tokenizer), cfg, logits_hook, generator)
+    turn_over = turn_ends(tokenizer, eos_ids(model, tokenizer), cfg.max_new_tokens)
+    unread = {r: list(t.prompt_ids) for r, t in enumerate(trajs)}  # row -> its tokens the model has not read
+    for turn in range(cfg.max_turns + 1):
+        if not unread:
+            break
+        def goes_on(ids, turn=turn):  # after this turn: not an answer, and not the last turn
+            return turn < cfg.max_turns and parse_action(tokenizer.decode(ids))[0] != "answer"
+        # the policy writes: every row samples until its turn is over (its cache carried to the next turn)
+        sampled = decoder.sample_turn(unread, turn, turn_over, goes_on)  # row -> (ids, log-probs)
+        # the environment answers: searches run, invalid actions are told so; answers end a trajectory
+        unread = act(trajs, sampled, goes_on, search, tokenizer, cfg)
+    model.train(was_training)
+    for t in trajs:
+        t.text = tokenizer.decode(t.response_ids)
+    return trajs
+
+
+def act(trajs, sampled: dict, goes_on, search, tokenizer, cfg: RolloutConfig) -> dict[int, list[int]]:
+    """Record a turn (loss_mask 1) and answer its actions: every search of the turn in one call to the
+    engine, its passages appended as an observation (loss_mask 0), an invalid action answered by
+    INVALID_ACTION. Returns, for each row that goes on, the tokens the model has not read yet: the
+    turn's last sampled token and the observation."""
+    unread, observations, searching = {}, {}, []
+    for r, (ids, logprobs) in sampled.items():
+        t = trajs[r]
+        t.response_ids += ids
+        t.loss_mask += [1] * len(ids)
+        t.logprobs += logprobs
+        kind, content = parse_action(tokenizer.decode(ids))
+        t.n_turns += 1
+        t.answered = kind == "answer"
+        if not goes_on(ids):  # an answer, or the last turn, whose search is not run
+            continue
+        unread[r] = [ids[-1]]  # sampled, but not yet run through the model
+        if kind == "search":
+            searching.append(r)
+            t.queries.append(content)
+        else:
+            observations[r] = INVALID_ACTION
+    if searching:
+        results = search([trajs[r].queries[-1] for r in searching])
+        if len(results) != len(searching):
+            raise ValueError(f"search returned {len(results)} results for {len(searching)} queries")
+        observations.update({r: observation(passages) for r, passages in zip(searching, results)})
+    for r, text in observations.items():
+        obs = tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.max_obs_tokens]
+        trajs[r].response_ids += obs
+        trajs[r].loss_mask += [0] * len(obs)
+        trajs[r].logprobs += [0.0] * len(obs)
+        unread[r] += obs
+    return unread
+
+
+# ============================================================================ the plain rollout
+@torch.inference_mode()
+def rollout_plain(model, tokenizer, prompts, search, cfg: RolloutConfig, logits_hook=None) -> list[Trajectory]:
+    """The same Search-R1 loop with model.generate re-run over each whole history every turn, as an
+    engine that restarts each turn does: short and slow. It makes the trajectories rollout() makes
+    (under greedy decoding, token for token: a test), and is the benchmark's baseline."""
+    device = next(model.parameters()).device
+    trajs = [Trajectory(prompt_ids=list(p)) for p in prompts for _ in range(cfg.n_samples)]
+    eos, pad = eos_ids(model, tokenizer), pad_id(tokenizer)
+    turn_over = turn_ends(tokenizer, eos, cfg.max_new_tokens)
+    t = cfg.temperature if cfg.temperature > 0 else 1.0  # greedy records log-probs at temperature 1
+    sampling = dict(do_sample=True, temperature=t, top_p=cfg.top_p, top_k=0) if cfg.temperature > 0 else {}
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos),
+                           stop_strings=list(STOP_STRINGS), return_dict_in_generate=True, output_logits=True,
+                           **(sampling or dict(do_sample=False)))
+    going, was_training = list(range(len(trajs))), model.training
+    model.eval()
+    for turn in range(cfg.max_turns + 1):
+        if not going:
+            break
+        ids, mask = _left_pad([trajs[r].prompt_ids + trajs[r].response_ids for r in going], pad, device)
+        hook = [_Hook(logits_hook, torch.tensor(going, device=device), turn, ids.shape[1])] if logits_hook else []
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, tokenizer=tokenizer,
+                             logits_processor=LogitsProcessorList(hook))
+        new = out.sequences[:, ids.shape[1]:]                                      # (A, steps)
+        taken = new.clamp(max=out.logits[0].shape[-1] - 1)  # a finished row's padding may be no model token
+        logp = torch.stack([torch.log_softmax(logits.float() / t, -1).gather(1, taken[:, k: k + 1]).squeeze(1)
+                            for k, logits in enumerate(out.logits)], 1).tolist()  # (A, steps), full softmax
+        sampled = {}
+        for i, r in enumerate(going):
+            row = new[i].tolist()
+            n = next(k for k in range(1, len(row) + 1) if turn_over([row[:k]])[0])  # where its turn is over
+            sampled[r] = row[:n], logp[i][:n]
+        def goes_on(ids, turn=turn):
+            return turn < cfg.max_turns and parse_action(tokenizer.decode(ids))[0] != "answer"
+        going = list(act(trajs, sampled, goes_on, search, tokenizer, cfg))
+    model.train(was_training)
+    for traj in trajs:
+        traj.text = tokenizer.decode(traj.response_ids)
+    return trajs
+
+
+class _Hook(LogitsProcessor):
+    """rollout's logits_hook(logits, rows, turn, step) as a model.generate logits processor."""
+
+    def __init__(self, hook, rows, turn, start):
+        self.hook, self.rows, self.turn, self.start = hook, rows, turn, start
+
+    def __call__(self, input_ids, scores):  # a copy: generate keeps `scores` as the step's raw logits
+        return self.hook(scores.clone(), self.rows, self.turn, input_ids.shape[1] - self.start)
+
+
+# ============================================================================ the engine (you may skip this)
+# How rollout() samples fast: a hand-written decode loop over one KV cache that lives across turns.
+# Nothing here is Search-R1; it only changes the speed (python bench.py rollout), never the tokens.
+
+class _CachedDecoder:
+    """Samples a turn for many rows at once; keeps each going row's cache for the next turn.
+
+    One batch holds the rows of a turn, left-padded; `mask` (A, L) marks the cache slots that hold real
+    tokens (1), and a token's position id is the number of real tokens before it, so padding changes no
+    result. A step is one forward of one token per row and one sample; only that step's logits (A, V)
+    exist. A row whose turn is over leaves the batch at once (compaction); a row that goes on has its
+    real cache slots set aside (parked) and, next turn, only its unread tokens are run through the model.
+    """
+
+    def __init__(self, model, pad: int, cfg: RolloutConfig, logits_hook, generator):
+        self.model, self.pad, self.cfg, self.logits_hook, self.generator = model, pad, cfg, logits_hook, generator
+        self.device = next(model.parameters()).device
+        self.n_layers = model.config.get_text_config().num_hidden_layers
+        self.parked = {}  # row -> per layer (keys, values) (H, n, D): the real cache slots of a row that goes on
+
+    def sample_turn(self, unread: dict[int, list[int]], turn: int, turn_over, goes_on) -> dict:
+        """Rows `unread` (row -> tokens the model has not read) sample one turn each; returns row ->
+        (sampled ids, their log-probs), rows in the order their turns ended (the next turn's batch order)."""
+        active = list(unread)
+        cache, mask, logits = self._start_turn(active, unread)
+        sampled, finished, step = {r: ([], []) for r in active}, {}, 0
+        while True:
+            rows = torch.tensor(active, device=self.device) if self.logits_hook else None
+            steer = (lambda x: self.logits_hook(x, rows, turn, step)) if self.logits_hook else None
+            tokens, logp = _sample(logits, self.cfg, self.generator, steer)  # (A,), (A,)
+            for r, y, lp in zip(active, tokens.tolist(), logp.tolist()):
+                sampled[r][0].append(y)
+                sampled[r][1].append(lp)
+            done = turn_over([sampled[r][0] for r in active])
+            for a, r in enumerate(active):
+                if not done[a]:
+                    continue
+                finished[r] = sampled[r]
+                if goes_on(sampled[r][0]):  # keep its real cache slots for the next turn
+                    real = mask[a].nonzero().squeeze(1)
+                    self.parked[r] = [(layer.keys[a][:, real], layer.values[a][:, real]) for layer in cache.layers]
+            if all(done):
+                return finished
+            if any(done):  # compact: rows still sampling from the end of the batch fill the holes in front
+                n = len(done) - sum(done)
+                tail = [a for a in range(n, len(done)) if not done[a]]
+                keep = [tail.pop() if done[a] else a for a in range(n)]
+                cache.batch_select_indices(torch.tensor(keep, device=self.device))
+                mask, tokens = mask[keep], tokens[keep]
+                active = [active[a] for a in keep]
+            step += 1
+            logits, mask = _forward(self.model, cache, mask, tokens[:, None], torch.ones_like(tokens)[:, None])
+
+    def _start_turn(self, active: list[int], unread: dict):
+        """Regroup the rows: their parked cache right-aligned, then prefill their unread tokens.
+        Returns the cache, its mask (A, L) and the next-token logits (A, V)."""
+        ids, ids_mask = _left_pad([unread[r] for r in active], self.pad, self.device)  # (A, P)
+        parked = [self.parked.pop(r, None) for r in active]
+        held = [p[0][0].shape[1] if p else 0 for p in parked]  # tokens each row has in the cache
+        carried = ([[p[layer] for p in parked] for layer in range(self.n_layers)] if any(held)
+                   else [None] * self.n_layers)
+        cache = Cache(layers=[_Slab(max(held) + ids.shape[1] + self.cfg.max_new_tokens, c) for c in carried])
+        mask = _left_pad([[1] * n for n in held], 0, self.device)[1] if any(held) else None  # 1 = real slot
+        logits, mask = _forward(self.model, cache, mask, ids, ids_mask)
+        return cache, mask, logits
 class _Slab(DynamicLayer):
     """One layer's keys and values in a buffer (A, H, capacity, D) allocated once per turn.
 
@@ -219,115 +433,3 @@ def _sample(logits, cfg, generator, steer):
             tokens = order.gather(1, tokens[:, None]).squeeze(1)
     logp = logits.gather(1, tokens[:, None]).squeeze(1) / t - log_z  # log pi(y) = z_y / T - log Z
     return tokens, logp
-
-
-@torch.inference_mode()
-def rollout(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    search: Callable[[list[str]], list[str]],
-    cfg: RolloutConfig,
-    logits_hook: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor] | None = None,
-    generator: torch.Generator | None = None,
-) -> list[Trajectory]:
-    """Sample cfg.n_samples trajectories per prompt, prompt-major (all samples of prompt 0 first).
-
-    search: a batch of queries -> per query the formatted passages ("Doc 1(Title: ...) ...\\nDoc 2(...");
-        how many passages (top-k) is its choice. Called once per turn with every query of that turn.
-    logits_hook(logits (A, V), rows (A,), turn, step) -> logits: for tests and benchmarks, changes what
-        is sampled (rows = trajectory indices, step = tokens already sampled this turn); the log-probs
-        recorded stay the model's own.
-    generator: a torch.Generator on the model's device makes sampling reproducible; None uses the global RNG.
-    The model runs in eval mode (no dropout) on its own device and dtype, and gets its mode back after.
-    """
-    device = next(model.parameters()).device
-    n_layers = model.config.get_text_config().num_hidden_layers
-    pad = pad_id(tokenizer)
-    eos = {tokenizer.eos_token_id}
-    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # None, an id or a list
-    eos.update(model_eos if isinstance(model_eos, list) else [model_eos])
-    was_training = model.training
-    model.eval()  # no dropout while sampling; gradient checkpointing would also switch the cache off
-
-    trajs = [Trajectory(prompt_ids=list(p)) for p in prompts for _ in range(cfg.n_samples)]
-    if any(not t.prompt_ids for t in trajs):
-        raise ValueError("rollout: every prompt needs at least one token")
-    todo = {r: list(t.prompt_ids) for r, t in enumerate(trajs)}  # row -> its tokens not in the cache yet
-    parked = {}  # row -> per layer (keys, values) (H, n, D): the real cache slots of a row that left the batch
-    for turn in range(cfg.max_turns + 1):
-        if not todo:
-            break
-        # --- regroup the rows that go on: cache carried over right-aligned, then prefill their new tokens
-        active = list(todo)
-        ids, ids_mask = _left_pad([todo[r] for r in active], pad, device)  # (A, P)
-        held = [parked[r][0][0].shape[1] if turn else 0 for r in active]  # tokens each row has in the cache
-        carried = [[parked[r][l] for r in active] for l in range(n_layers)] if turn else [None] * n_layers
-        cache = Cache(layers=[_Slab(max(held) + ids.shape[1] + cfg.max_new_tokens, c) for c in carried])
-        mask = _left_pad([[1] * n for n in held], 0, device)[1] if turn else None  # (A, max(held)), 1 = real
-        parked.clear()
-        logits, mask = _forward(model, cache, mask, ids, ids_mask)
-        turn_ids, actions, step = {r: [] for r in active}, {}, 0
-        # --- decode: sample, record, let finished rows leave the batch, run the rest one token further
-        while True:
-            rows = torch.tensor(active, device=device) if logits_hook else None
-            steer = (lambda x: logits_hook(x, rows, turn, step)) if logits_hook else None
-            tokens, logp = _sample(logits, cfg, generator, steer)  # (A,), (A,)
-            for r, y, lp in zip(active, tokens.tolist(), logp.tolist()):
-                turn_ids[r].append(y)
-                trajs[r].response_ids.append(y)
-                trajs[r].loss_mask.append(1)
-                trajs[r].logprobs.append(lp)
-            tails = tokenizer.batch_decode([turn_ids[r][-_TAIL:] for r in active])
-            done = [
-                turn_ids[r][-1] in eos or len(turn_ids[r]) == cfg.max_new_tokens or any(s in t for s in STOP_STRINGS)
-                for r, t in zip(active, tails)
-            ]
-            for a, r in enumerate(active):
-                if not done[a]:
-                    continue
-                actions[r] = parse_action(tokenizer.decode(turn_ids[r]))
-                if turn < cfg.max_turns and actions[r][0] != "answer":  # it goes on: keep its real cache slots
-                    real = mask[a].nonzero().squeeze(1)
-                    parked[r] = [(layer.keys[a][:, real], layer.values[a][:, real]) for layer in cache.layers]
-            if all(done):
-                break
-            if any(done):  # compact: rows still sampling from the end of the batch fill the holes in front
-                n = len(done) - sum(done)
-                tail = [a for a in range(n, len(done)) if not done[a]]
-                keep = [tail.pop() if done[a] else a for a in range(n)]
-                cache.batch_select_indices(torch.tensor(keep, device=device))
-                mask, tokens = mask[keep], tokens[keep]
-                active = [active[a] for a in keep]
-            step += 1
-            logits, mask = _forward(model, cache, mask, tokens[:, None], torch.ones_like(tokens)[:, None])
-        del cache, logits, mask
-
-        # --- act: answers end a trajectory; all this turn's searches go to the engine in one call
-        todo, observations, searching = {}, {}, []
-        for r, (kind, content) in actions.items():
-            trajs[r].n_turns += 1
-            trajs[r].answered = kind == "answer"
-            if r in parked:
-                todo[r] = [turn_ids[r][-1]]  # the turn's last token is not in the cache yet
-                if kind == "search":
-                    searching.append(r)
-                    trajs[r].queries.append(content)
-                else:
-                    observations[r] = INVALID_ACTION
-        if searching:
-            results = search([trajs[r].queries[-1] for r in searching])
-            if len(results) != len(searching):
-                raise ValueError(f"search returned {len(results)} results for {len(searching)} queries")
-            for r, passages in zip(searching, results):
-                observations[r] = observation(passages)
-        for r, text in observations.items():
-            obs = tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.max_obs_tokens]
-            trajs[r].response_ids += obs
-            trajs[r].loss_mask += [0] * len(obs)
-            trajs[r].logprobs += [0.0] * len(obs)
-            todo[r] += obs
-    model.train(was_training)
-    for t in trajs:
-        t.text = tokenizer.decode(t.response_ids)
-    return trajs

@@ -52,8 +52,10 @@ from tqdm import tqdm
 from eval import (BENCHMARKS, METHODS, TRAIN_SETS, DataError, baseline_prompt, em_table, exact_match,
                   extract_answer, load_qa, prediction, save_predictions, saved_predictions, summarize,
                   write_atomic)
-from grpo import group_advantages, grpo_loss, mini_batches, token_logprobs
-from ppo import CRITIC, add_critic, param_groups, ppo_update
+import grpo
+import ppo
+from grpo import Batch, batch_logprobs, group_advantages
+from ppo import CRITIC, add_critic, param_groups
 from retriever import BM25Index, CorpusError, format_passages
 from rollout import RolloutConfig, build_prompt, encode_prompt, pad_id, rollout
 from search_api import RemoteIndex, SearchUnavailable, serve
@@ -70,17 +72,23 @@ MODELS = {
     "llama3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
 }
 WIKI18 = ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz")  # hub dataset, file (README: the data)
-# `--model tiny` (tiny.py): the defaults of a 0.6M-parameter model trained on a CPU in minutes;
-# flags given on the command line still win. Turns are ~15 tokens, hence the short budget; one
-# passage per fact, ranked first by its query, hence top-1. 80 trajectories a step in mini-batches
-# of 8: 10 optimizer steps a batch, as in the reference. LoRA lr 3e-4: held-out EM reaches 1.0 by
-# step ~5; 1e-3 (right for 2 optimizer steps a batch) drove the KL above 1 and EM fell back to 0.66.
-TINY = dict(load_4bit=False, gradient_checkpointing=False, steps=20, batch_size=16,
-            group_size=5, mini_batch_size=8, micro_batch_size=40, lr=3e-4, lora_r=16, lora_alpha=32,
-            warmup_ratio=0.0, max_new_tokens=32, topk=1, eval_every=5, eval_size=200,
+# The presets, the only defaults besides Config's and COMMAND_DEFAULTS (shown in `train --help`);
+# flags given on the command line still win.
+# `--model tiny` (tiny.py): a 0.6M-parameter model trained on a CPU in minutes. Turns are ~15 tokens,
+# hence the short budget; one passage per fact, ranked first by its query, hence top-1. 80
+# trajectories a step in mini-batches of 8: 10 optimizer steps a batch, as in the reference. LoRA lr
+# 3e-4: held-out EM reaches 1.0 by step ~5; 1e-3 (right for 2 optimizer steps a batch) drove the KL
+# above 1 and EM fell back to 0.66.
+TINY = dict(load_4bit=False, gradient_checkpointing=False, steps=20, batch_size=16, mini_batch_size=8,
+            micro_batch_size=40, lr=3e-4, warmup_ratio=0.0, max_new_tokens=32, topk=1, eval_every=5,
             eval_batch_size=200, save_every=20, critic_lr=3e-3)
 # --model tiny --algo ppo: n = 1, so 80 questions a step sample the same 80 trajectories as GRPO's 16 x 5
 TINY_PPO = dict(batch_size=80)
+
+
+def presets_help() -> str:
+    settings = lambda preset: ", ".join(f"{flag(k)} {v}" for k, v in preset.items())  # noqa: E731
+    return f"presets: --model tiny sets {settings(TINY)}; with --algo ppo also {settings(TINY_PPO)}"
 
 
 def opt(default, help):
@@ -111,7 +119,7 @@ class Config:
     # --- GRPO (README: the reference recipe)
     steps: int = opt(60, "optimizer steps of a run: ~60 x 64 x 5 trajectories fit ~3 hours on one GPU")
     batch_size: int = opt(64, "questions per step (paper: 512 on 8 GPUs)")
-    group_size: int = opt(5, "responses per question, G in the advantage (paper: 5)")
+    group_size: int = opt(5, "responses per question, G in the advantage (paper: 5); PPO samples 1")
     mini_batch_size: int = opt(32, "trajectories per optimizer step: 64 x 5 / 32 = 10 steps a batch, the "
                                    "reference's 10 (2,560 / 256)")
     rollout_batch_size: int = opt(16, "questions per rollout call: x group_size x ~2.6k tokens x 36 KB of KV cache (3B)")
@@ -125,7 +133,7 @@ class Config:
     entropy_coef: float = opt(0.001, "weight of the entropy bonus in the actor loss (reference: 0.001)")
     mask_observations: bool = opt(True, "retrieved-token masking; --no-mask-observations is the paper's ablation")
     # --- PPO (ppo.py): --algo ppo adds a critic and samples one response per question
-    algo: str = opt("grpo", "'grpo' (group baseline) or 'ppo' (critic baseline; group_size is then forced to 1, n = 1 as in the paper)")
+    algo: str = opt("grpo", "'grpo' (group baseline) or 'ppo' (critic baseline; one response per question, as in the paper)")
     critic_lr: float = opt(2e-4, "critic LoRA + value head learning rate: 10x the actor's, the paper's ratio (1e-5 vs 1e-6)")
     critic_warmup_ratio: float = opt(0.015, "share of steps with linear warm-up of the critic's lr (reference: 0.015)")
     gae_gamma: float = opt(1.0, "GAE discount gamma (paper: 1, the reward comes only at the end)")
@@ -156,11 +164,13 @@ class Config:
         return RolloutConfig(max_turns=self.max_turns, max_new_tokens=self.max_new_tokens,
                              max_obs_tokens=self.max_obs_tokens, top_p=self.top_p,
                              temperature=0.0 if greedy else self.temperature,
-                             n_samples=1 if greedy else self.group_size)
+                             n_samples=1 if greedy else self.samples_per_question)
 
-    def __post_init__(self):
-        if self.algo == "ppo":  # the critic is the baseline: no group needed (Search-R1's PPO: n = 1)
-            self.group_size = 1
+    @property
+    def samples_per_question(self) -> int:
+        """Responses sampled per question: GRPO's group, or 1 for PPO, whose critic is the baseline
+        (the reference's PPO: n = 1)."""
+        return 1 if self.algo == "ppo" else self.group_size
 
     def check(self) -> None:
         """Every setting in its range, before any work is done: the first one that is not is a UsageError."""
@@ -294,11 +304,11 @@ def make_search(cfg: Config):
 
 
 # ----------------------------------------------------------------------------- one step
-def pack(trajectories, pad: int) -> dict:
-    """Trajectories -> tensors laid out [left pad | prompt | response | right pad].
+def pack(trajectories, advantages: torch.Tensor, pad: int, mask_observations: bool, device) -> Batch:
+    """Trajectories -> a Batch on `device`, rows laid out [left pad | prompt | response | right pad].
 
-    input_ids, attention_mask: (B, P + R); loss_mask, response_mask: (B, R), where
-    response_mask = 1 on every real response token (sampled or observation).
+    The loss is taken over the tokens the policy sampled (each trajectory's loss_mask), or with
+    mask_observations off (the ablation) over every real response token, retrieved ones included.
     """
     P = max(len(t.prompt_ids) for t in trajectories)
     R = max(len(t.response_ids) for t in trajectories)
@@ -310,14 +320,8 @@ def pack(trajectories, pad: int) -> dict:
         p, r = len(t.prompt_ids), len(t.response_ids)
         input_ids[i, P - p: P + r] = torch.tensor(t.prompt_ids + t.response_ids)
         attention_mask[i, P - p: P + r] = 1
-        loss_mask[i, :r] = torch.tensor(t.loss_mask, dtype=torch.float)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "response_mask": attention_mask[:, P:].float(), "response_start": P}
-
-
-def micro_batch_logprobs(model, mb: dict, device, temperature: float, with_entropy: bool = False):
-    return token_logprobs(model, mb["input_ids"].to(device), mb["attention_mask"].to(device),
-                          mb["response_start"], temperature, with_entropy=with_entropy)
+        loss_mask[i, :r] = torch.tensor(t.loss_mask if mask_observations else [1] * r, dtype=torch.float)
+    return Batch(input_ids.to(device), attention_mask.to(device), P, loss_mask.to(device), advantages.to(device))
 
 
 def cut(items: list, size: int) -> list[list]:
@@ -345,59 +349,57 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
                     for t in rollout(model, tokenizer, chunk, search, cfg.rollout_config())]
     t_rollout = clock(device)
     # 2. reward: r = EM(extracted answer, golden answers), 1 or 0
-    golden = [q["golden_answers"] for q in questions for _ in range(cfg.group_size)]
+    golden = [q["golden_answers"] for q in questions for _ in range(cfg.samples_per_question)]
     rewards = torch.tensor([exact_match(extract_answer(t.text), g) for t, g in zip(trajectories, golden)])
-    # 3. advantages: A_i = (r_i - mean_group) / (std_group + 1e-6), one scalar per trajectory
-    advantages = group_advantages(rewards, cfg.group_size)                       # (N,)
+    # 3. GRPO's advantages: A_i = (r_i - mean_group) / (std_group + 1e-6), one per trajectory (N,)
+    #    (PPO replaces them with its critic's, per token, in step 4)
+    advantages = group_advantages(rewards, cfg.samples_per_question)
     # 4. mini-batches of cfg.mini_batch_size trajectories (one optimizer step each), cut into
     #    micro-batches, with pi_old (the policy that sampled) and pi_ref (adapter off) log-probs
     updates, pad = [], pad_id(tokenizer)
     with torch.no_grad():
         for mini in cut(list(zip(trajectories, advantages)), cfg.mini_batch_size):
-            mini_batch = []
-            for chunk in cut(mini, cfg.micro_batch_size):
-                mb = pack([t for t, _ in chunk], pad)
-                mb["advantages"] = torch.stack([a for _, a in chunk])                  # (b,)
-                mb["old_logp"] = micro_batch_logprobs(model, mb, device, cfg.temperature)  # (b, R)
-                with model.disable_adapter():
-                    mb["ref_logp"] = micro_batch_logprobs(model, mb, device, cfg.temperature)
-                # retrieved-token masking: train on sampled tokens only, or (ablation) on all of them
-                mb["train_mask"] = (mb["loss_mask"] if cfg.mask_observations else mb["response_mask"]).to(device)
-                mini_batch.append(mb)
-            updates.append(mini_batch)
+            updates.append([pack([t for t, _ in chunk], torch.stack([a for _, a in chunk]), pad,
+                                 cfg.mask_observations, device) for chunk in cut(mini, cfg.micro_batch_size)])
+        for batch in (batch for mini_batch in updates for batch in mini_batch):
+            batch.old_logp = batch_logprobs(model, batch, cfg.temperature)                  # (b, R)
+            with model.disable_adapter():
+                batch.ref_logp = batch_logprobs(model, batch, cfg.temperature)
+    batches = [batch for mini_batch in updates for batch in mini_batch]
+    batch_stats = ppo.token_advantages(model, batches, rewards, cfg) if cfg.algo == "ppo" else {}
     t_logprob = clock(device)
-    # 5. update: each mini-batch is one optimizer step; its micro-batches accumulate gradients
+    # 5. update: each mini-batch is one optimizer step; its micro-batches accumulate gradients.
+    #    The two algorithms differ only in the loss of a micro-batch (PPO adds its critic's).
     model.train()
-    if cfg.algo == "ppo":  # the critic is the baseline: token rewards -> GAE -> actor and critic steps
-        sums, grad_norms, batch_stats = ppo_update(model, optimizer, updates, rewards, cfg, device)
-    else:
-        sums, grad_norms, batch_stats = {"policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0}, [], {}
-        for mini_batch, n_tokens in mini_batches(updates):
-            for mb in mini_batch:
-                logp, entropy = micro_batch_logprobs(model, mb, device, cfg.temperature, with_entropy=True)
-                loss, stats = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"].to(device),
-                                        mb["train_mask"], n_tokens, cfg.clip_eps, cfg.kl_coef,
-                                        entropy, cfg.entropy_coef)
-                loss.backward()
-                for key in sums:
-                    sums[key] += stats[key]
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    batch_loss = ppo.batch_loss if cfg.algo == "ppo" else grpo.batch_loss
+    sums, grad_norms = {}, []
+    for mini_batch in updates:
+        n_tokens = max(sum(batch.loss_mask.sum().item() for batch in mini_batch), 1.0)  # the token mean's count
+        for batch in mini_batch:
+            loss, stats = batch_loss(model, batch, n_tokens, cfg)
+            loss.backward()
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+        # clip each parameter group on its own (PPO: the actor's, the critic's); log the actor's norm
+        norms = [torch.nn.utils.clip_grad_norm_(group["params"], cfg.max_grad_norm).item()
+                 for group in optimizer.param_groups]
+        grad_norms.append(norms[0])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     t_end = clock(device)
-    n_trained = sum(mb["train_mask"].sum().item() for mini_batch in updates for mb in mini_batch)
+    n_trained = sum(batch.loss_mask.sum().item() for batch in batches)
     sampled = sum(sum(t.loss_mask) for t in trajectories)
     stats = {"reward": rewards.mean().item(),
-            "searches": sum(t.n_searches for t in trajectories) / len(trajectories),
-            "turns": sum(t.n_turns for t in trajectories) / len(trajectories),
-            "answered": sum(t.answered for t in trajectories) / len(trajectories),
-            "response_len": sum(len(t.response_ids) for t in trajectories) / len(trajectories),
-            **{key: value / max(n_trained, 1) for key, value in sums.items()}, **batch_stats,
-            "grad_norm": sum(grad_norms) / len(grad_norms),
-            # seconds by phase: rollout; reward + pi_old and pi_ref log-probs; optimisation
-            "rollout_s": t_rollout - t0, "logprob_s": t_logprob - t_rollout, "update_s": t_end - t_logprob,
-            "step_s": t_end - t0, "tokens_per_s": sampled / max(t_rollout - t0, 1e-9)}
+             "searches": sum(t.n_searches for t in trajectories) / len(trajectories),
+             "turns": sum(t.n_turns for t in trajectories) / len(trajectories),
+             "answered": sum(t.answered for t in trajectories) / len(trajectories),
+             "response_len": sum(len(t.response_ids) for t in trajectories) / len(trajectories),
+             **{key: value / max(n_trained, 1) for key, value in sums.items()}, **batch_stats,
+             "grad_norm": sum(grad_norms) / len(grad_norms),
+             # seconds by phase: rollout; reward, pi_old and pi_ref log-probs (PPO: and critic values);
+             # optimisation
+             "rollout_s": t_rollout - t0, "logprob_s": t_logprob - t_rollout, "update_s": t_end - t_logprob,
+             "step_s": t_end - t0, "tokens_per_s": sampled / max(t_rollout - t0, 1e-9)}
     return stats, trajectories, rewards
 
 
@@ -536,7 +538,7 @@ def sample_rows(step: int, questions, trajectories, rewards, tokenizer, cfg: Con
                                                                       min(cfg.samples, len(trajectories))))
     rows = []
     for i in chosen:
-        t, q = trajectories[i], questions[i // cfg.group_size]
+        t, q = trajectories[i], questions[i // cfg.samples_per_question]
         segments, start = [], 0  # runs of equal loss_mask: 1 = written by the policy, 0 = inserted
         for end in range(1, len(t.loss_mask) + 1):
             if end == len(t.loss_mask) or t.loss_mask[end] != t.loss_mask[start]:
@@ -851,7 +853,8 @@ def ask_arguments(parser: argparse.ArgumentParser):
 def config_parser(command: str) -> argparse.ArgumentParser:
     """A parser with a --flag for each Config field the command reads (COMMAND_FIELDS), defaults as
     the command sets them (COMMAND_DEFAULTS)."""
-    parser = argparse.ArgumentParser(prog=f"searchr1.py {command}", description=COMMANDS[command][2])
+    parser = argparse.ArgumentParser(prog=f"searchr1.py {command}", description=COMMANDS[command][2],
+                                     epilog=presets_help() if command == "train" else None)
     defaults, fields = COMMAND_DEFAULTS.get(command, {}), COMMAND_FIELDS.get(command)
     for f in dataclasses.fields(Config):
         if fields is not None and f.name not in fields:

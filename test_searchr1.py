@@ -1,7 +1,7 @@
 """searchr1's tests: small, seeded, offline, each named for the behaviour it proves.
 
-Sections follow the chapters: eval.py, grpo.py, searchr1.py training, retriever.py, rollout.py,
-ppo.py, the eval/ask commands, search_api.py, bench.py gpu --tiny, tiny.py."""
+Shared fixtures and helpers first, then a section per chapter in reading order: retriever.py,
+rollout.py, grpo.py, ppo.py, eval.py, training (searchr1.py), the commands, search_api.py, tiny.py."""
 
 import copy
 import dataclasses
@@ -35,6 +35,7 @@ from rank_bm25 import BM25Okapi
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 import bench
+import grpo
 import search_api
 import searchr1
 import tiny
@@ -44,7 +45,7 @@ from grpo import clipped_policy_loss, group_advantages, grpo_loss, low_var_kl, t
 from ppo import actor_loss, critic_loss, gae, token_rewards, whiten
 from retriever import (BM25Index, CorpusError, default_index_dir, FINGERPRINT_FILE, format_passages,
     read_corpus, split_contents, tokenize)
-from rollout import (_sample, build_prompt, INVALID_ACTION, observation, parse_action, rollout,
+from rollout import (_sample, build_prompt, INVALID_ACTION, observation, parse_action, rollout, rollout_plain,
     RolloutConfig, STOP_STRINGS, Trajectory)
 from search_api import MAX_BODY_BYTES, MAX_QUERIES, RemoteIndex, SearchServer, SearchUnavailable
 
@@ -58,162 +59,9 @@ QWEN_TOKENIZER = DATA / "qwen2.5-tokenizer"
 torch.set_num_threads(1)
 
 
-# ============================================================================ eval.py
-def test_normalize_answer_drops_case_punctuation_articles_and_extra_spaces():
-    assert normalize_answer("  The  Eiffel-Tower, in PARIS! ") == "eiffeltower in paris"
-    assert normalize_answer("An apple a day") == "apple day"
-    assert normalize_answer("theatre") == "theatre"  # only whole words are articles
+# ====================================================================== shared fixtures and helpers
 
-
-def test_exact_match_is_one_for_any_golden_answer_after_normalisation():
-    assert exact_match("the Beatles", ["Rolling Stones", "Beatles"]) == 1.0
-    assert exact_match("Beatles band", ["Beatles"]) == 0.0
-    assert exact_match(None, ["Beatles"]) == 0.0
-
-
-def test_sub_exact_match_and_f1_give_partial_credit():
-    assert sub_exact_match("the Beatles band", ["beatles"]) == 1.0
-    assert sub_exact_match("Stones", ["Rolling Stones"]) == 0.0
-    assert token_f1("Rolling Stones band", ["The Rolling Stones"]) == pytest.approx(0.8)
-    assert token_f1("nothing", ["Beatles"]) == 0.0
-
-
-def test_extract_answer_takes_the_last_answer_tag_stripped():
-    response = "<think>x</think><answer> Paris </answer> wait <answer>\n Lyon\n</answer>"
-    assert extract_answer(response) == "Lyon"
-    assert extract_answer("<search> q </search>") is None
-
-
-def test_qa_file_errors_name_the_file_line_and_field(tmp_path):
-    path = tmp_path / "qa.jsonl"
-    path.write_text('{"id": "1", "question": "q?", "golden_answers": ["a"]}\n'
-                    '{"id": "2", "question": "q?", "golden_answers": "a"}\n')
-    with pytest.raises(DataError, match=r"qa.jsonl:2: field 'golden_answers'"):
-        read_qa_file(path)
-    path.write_text('{"id": "1", "golden_answers": ["a"]}\n')
-    with pytest.raises(DataError, match=r"qa.jsonl:1: field 'question'"):
-        read_qa_file(path)
-    path.write_text('{"id": "1", "question": \n')
-    with pytest.raises(DataError, match=r"qa.jsonl:1: invalid JSON"):
-        read_qa_file(path)
-
-
-def test_hub_benchmark_is_downloaded_by_name_and_split(tmp_path, monkeypatch):
-    import huggingface_hub
-    local = tmp_path / "test.jsonl"
-    local.write_text('{"id": "t0", "question": "who?", "golden_answers": ["me"]}\n')
-    asked = []
-    def fake_download(repo_id, filename, repo_type):
-        asked.append((repo_id, filename, repo_type))
-        return str(local)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    assert load_qa("bamboogle")[0]["golden_answers"] == ["me"]
-    assert load_qa("nq", "train")[0]["id"] == "t0"
-    assert asked == [("RUC-NLPIR/FlashRAG_datasets", "bamboogle/test.jsonl", "dataset"),
-                     ("RUC-NLPIR/FlashRAG_datasets", "nq/train.jsonl", "dataset")]
-    with pytest.raises(DataError, match="unknown dataset 'nqq'"):
-        load_qa("nqq")
-
-
-# ============================================================================ grpo.py
-def test_group_advantages_are_reward_minus_group_mean_over_unbiased_std():
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0,  0.0, 0.0, 0.0, 0.0, 0.0])
-    advantages = group_advantages(rewards, group_size=5)
-    std = math.sqrt((3 * 0.4**2 + 2 * 0.6**2) / 4)  # unbiased: divide by G - 1
-    expected = [0.4 / std, -0.6 / std, -0.6 / std, 0.4 / std, 0.4 / std] + [0.0] * 5
-    assert advantages.tolist() == pytest.approx(expected, abs=1e-5)
-
-
-def test_group_of_one_keeps_its_reward_and_all_equal_groups_get_zero():
-    assert group_advantages(torch.tensor([1.0, 0.0]), group_size=1).tolist() == pytest.approx([1.0, 0.0], abs=1e-5)
-    assert group_advantages(torch.tensor([1.0, 1.0, 1.0]), group_size=3).tolist() == [0.0, 0.0, 0.0]
-
-
-def test_clipping_stops_the_gradient_only_past_the_bound_in_the_advantage_direction():
-    old = torch.zeros(4)
-    # ratios 1.5, 0.5, 1.5, 0.5 with advantages +1, -1, -1, +1
-    logp = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5])).requires_grad_()
-    advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
-    loss, clipped = clipped_policy_loss(logp, old, advantages, clip_eps=0.2)
-    # -A * clip(ratio) where the clip binds (1.2 for A>0 above, 0.8 for A<0 below), else -A * ratio
-    assert loss.tolist() == pytest.approx([-1.2, 0.8, 1.5, -0.5])
-    assert clipped.tolist() == [1.0, 1.0, 0.0, 0.0]
-    loss.sum().backward()
-    # d(-A ratio)/d logp = -A ratio where unclipped; 0 where the clip binds
-    assert logp.grad.tolist() == pytest.approx([0.0, 0.0, 1.5, -0.5])
-
-
-def test_low_variance_kl_is_zero_at_the_reference_positive_elsewhere_and_clamped():
-    logp = torch.tensor([-1.0, -1.0, -1.0, -30.0])
-    ref = torch.tensor([-1.0, -2.0, 0.0, 0.0])
-    kl = low_var_kl(logp, ref)
-    d = ref - logp
-    assert kl[0] == 0.0
-    assert kl[1:3].tolist() == pytest.approx((torch.exp(d[1:3]) - d[1:3] - 1).tolist())
-    assert kl[3] == 10.0
-
-
-def _loss_inputs(seed=0, B=3, R=6):
-    g = torch.Generator().manual_seed(seed)
-    logp = (-torch.rand(B, R, generator=g) * 3).requires_grad_()
-    old = logp.detach() + 0.3 * torch.randn(B, R, generator=g)
-    ref = logp.detach() + 0.3 * torch.randn(B, R, generator=g)
-    advantages = torch.randn(B, generator=g)
-    loss_mask = (torch.rand(B, R, generator=g) > 0.4).float()
-    return logp, old, ref, advantages, loss_mask
-
-
-def test_masked_positions_holding_huge_values_change_neither_loss_nor_gradient():
-    logp, old, ref, advantages, loss_mask = _loss_inputs()
-    n = loss_mask.sum()
-    clean_loss, _ = grpo_loss(logp, old, ref, advantages, loss_mask, n)
-    (clean_grad,) = torch.autograd.grad(clean_loss, logp)
-    poisoned_old = torch.where(loss_mask.bool(), old, torch.full_like(old, 1e30))
-    poisoned_ref = torch.where(loss_mask.bool(), ref, torch.full_like(ref, float("nan")))
-    loss, _ = grpo_loss(logp, poisoned_old, poisoned_ref, advantages, loss_mask, n)
-    (grad,) = torch.autograd.grad(loss, logp)
-    assert loss.item() == clean_loss.item()
-    assert torch.equal(grad, clean_grad)
-    assert torch.all(grad[loss_mask == 0] == 0) and torch.any(grad[loss_mask == 1] != 0)
-
-
-def test_loss_is_the_token_mean_of_policy_and_kl_terms():
-    logp, old, ref, advantages, loss_mask = _loss_inputs(seed=1)
-    loss, stats = grpo_loss(logp, old, ref, advantages, loss_mask, loss_mask.sum(), kl_coef=0.1)
-    ratio = torch.exp(logp - old)
-    A = advantages[:, None]
-    per_token = torch.maximum(-A * ratio, -A * ratio.clamp(0.8, 1.2))
-    d = ref - logp
-    per_token = per_token + 0.1 * (torch.exp(d) - d - 1)
-    expected = (per_token * loss_mask).sum() / loss_mask.sum()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-
-
-def test_entropy_bonus_subtracts_its_coefficient_times_the_masked_token_mean_entropy():
-    logp, old, ref, advantages, loss_mask = _loss_inputs(seed=3)
-    entropy = torch.rand(logp.shape, generator=torch.Generator().manual_seed(3)) * 5
-    entropy[~loss_mask.bool()] = float("inf")  # masked positions must not count, whatever they hold
-    n = loss_mask.sum()
-    without, _ = grpo_loss(logp, old, ref, advantages, loss_mask, n)
-    loss, stats = grpo_loss(logp, old, ref, advantages, loss_mask, n, entropy=entropy, entropy_coef=0.01)
-    mean_entropy = entropy[loss_mask.bool()].mean()
-    assert loss.item() == pytest.approx((without - 0.01 * mean_entropy).item(), rel=1e-6)
-    assert stats["entropy"] / n.item() == pytest.approx(mean_entropy.item(), rel=1e-6)
-
-
-def test_micro_batching_does_not_change_the_mini_batch_gradient():
-    logp, old, ref, advantages, loss_mask = _loss_inputs(seed=2, B=4)
-    n = loss_mask.sum()
-    whole, _ = grpo_loss(logp, old, ref, advantages, loss_mask, n)
-    (whole_grad,) = torch.autograd.grad(whole, logp)
-    parts = sum(grpo_loss(logp[i:i + 1], old[i:i + 1], ref[i:i + 1], advantages[i:i + 1],
-                          loss_mask[i:i + 1], n)[0] for i in range(4))
-    (parts_grad,) = torch.autograd.grad(parts, logp)
-    assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
-    assert torch.allclose(parts_grad, whole_grad)
-
-
-def tiny_qwen2(vocab_size=128, seed=0, **overrides):
+def random_qwen2(vocab_size=128, seed=0, **overrides):
     """A random-weight Qwen2 small enough for the CPU, built from a config (no download)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
@@ -223,215 +71,79 @@ def tiny_qwen2(vocab_size=128, seed=0, **overrides):
     return Qwen2ForCausalLM(config).eval()
 
 
-def test_token_logprobs_of_a_padded_batch_equal_each_sequence_alone():
-    model = tiny_qwen2()
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 128, (n,), generator=g) for n in (5, 3)]
-    responses = [torch.randint(1, 128, (n,), generator=g) for n in (4, 6)]
-    P, R = 5, 6
-    input_ids = torch.zeros(2, P + R, dtype=torch.long)
-    attention_mask = torch.zeros(2, P + R, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, P - len(p): P + len(r)] = torch.cat([p, r])
-        attention_mask[i, P - len(p): P + len(r)] = 1
-    with torch.no_grad():
-        batched = token_logprobs(model, input_ids, attention_mask, response_start=P)  # (2, R)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            alone = torch.log_softmax(model(torch.cat([p, r])[None]).logits[0], dim=-1)
-            expected = alone[len(p) - 1: -1].gather(-1, r[:, None]).squeeze(-1)
-            assert torch.allclose(batched[i, : len(r)], expected, atol=1e-5)
-
-
-def test_chunked_logprobs_give_the_same_values_and_gradients_as_one_chunk():
-    model = tiny_qwen2()
-    g = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(1, 128, (2, 12), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    results = []
-    for chunk in (3, 1000):
-        model.zero_grad()
-        logp = token_logprobs(model, input_ids, attention_mask, response_start=4, chunk=chunk)  # (2, 8)
-        (logp * torch.linspace(-1, 1, 8)).sum().backward()
-        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
-    (chunked, chunked_grads), (whole, whole_grads) = results
-    assert torch.allclose(chunked, whole, atol=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked_grads, whole_grads))
-
-
-def test_chunked_entropy_is_the_softmax_entropy_at_temperature_with_the_same_gradient_as_one_chunk():
-    model = tiny_qwen2()
-    g = torch.Generator().manual_seed(2)
-    input_ids = torch.randint(1, 128, (2, 12), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    results = []
-    for chunk in (3, 1000):
-        model.zero_grad()
-        logp, entropy = token_logprobs(model, input_ids, attention_mask, response_start=4, temperature=0.7,
-                                       chunk=chunk, with_entropy=True)                # (2, 8) each
-        (entropy * torch.linspace(-1, 1, 8)).sum().backward()
-        results.append((entropy.detach(), [p.grad.clone() for p in model.parameters()]))
-    (chunked, chunked_grads), (whole, whole_grads) = results
-    with torch.no_grad():  # H = -sum_v p_v log p_v of softmax(logits / T), written out
-        log_p = torch.log_softmax(model(input_ids).logits[:, 3:-1] / 0.7, dim=-1)
-        expected = -(log_p.exp() * log_p).sum(-1)
-    assert torch.allclose(chunked, expected, atol=1e-5) and torch.allclose(whole, expected, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked_grads, whole_grads))
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random Qwen2 with the real Qwen2.5 tokenizer, saved like a hub checkpoint."""
     from transformers import AutoTokenizer
     folder = tmp_path_factory.mktemp("tiny-qwen2")
-    tiny_qwen2(vocab_size=151936).save_pretrained(folder)
+    random_qwen2(vocab_size=151936).save_pretrained(folder)
     AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(folder)
     return folder
 
 
-def answer_every_other(tokenizer):
-    """A logits hook that makes even rows answer "y" and odd rows "z": groups with mixed rewards."""
-    targets = [tokenizer.encode(f"<answer> {a} </answer>") for a in ("y", "z")]
-    def hook(logits, rows, turn, step):
-        forced = torch.full_like(logits, -1e9)
-        for i, row in enumerate(rows.tolist()):
-            target = targets[row % 2]
-            forced[i, target[step] if step < len(target) else tokenizer.eos_token_id] = 0.0
-        return forced
-    return hook
+def write_jsonl(path: Path, rows: list, compress: bool = False) -> Path:
+    text = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+    path.write_bytes(gzip.compress(text.encode()) if compress else text.encode())
+    return path
 
 
-def steered(monkeypatch, tokenizer):
-    monkeypatch.setattr(searchr1, "rollout",
-                        functools.partial(rollout, logits_hook=answer_every_other(tokenizer)))
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
 
 
-def write_task(folder: Path, n_questions=8):
-    """A 3-passage corpus and QA files whose golden answer is "y"."""
-    folder.mkdir(parents=True, exist_ok=True)
-    corpus = folder / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"T{i}"\npassage number {i}'}) + "\n"
-                              for i in range(3)))
-    qa = folder / "qa.jsonl"
-    qa.write_text("".join(json.dumps({"id": f"q{i}", "question": f"question {i}", "golden_answers": ["y"]}) + "\n"
-                          for i in range(n_questions)))
-    return corpus, qa
+@pytest.fixture(scope="module")
+def model():
+    """A 2-layer Qwen2 with random weights and Qwen2.5's vocabulary size, so every tokenizer id is valid."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.2)
+    return Qwen2ForCausalLM(cfg).eval()
 
 
-def tiny_config(model_dir, folder, **overrides):
-    corpus, qa = write_task(folder)
-    settings = dict(model=str(model_dir), train_data=str(qa), eval_data=str(qa), corpus=str(corpus),
-                    index_dir=str(folder / "index"), out_dir=str(folder / "run"), device="cpu",
-                    batch_size=2, group_size=4, mini_batch_size=4, micro_batch_size=3, lr=1e-2,
-                    max_turns=1, max_new_tokens=8, eval_size=2, eval_batch_size=2, steps=2,
-                    save_every=1, eval_every=0)
-    settings.update(overrides)
-    return searchr1.Config(**settings)
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def test_loading_the_4bit_policy_on_the_cpu_prints_no_warning(tiny_model_dir):
-    code = ("import torch, searchr1; cfg = searchr1.Config(model=%r, device='cpu'); "
-            "tokenizer, model = searchr1.load_policy(cfg, torch.device('cpu')); "
-            "model(input_ids=torch.tensor([[1, 2, 3]]))" % str(tiny_model_dir))  # a first 4-bit matmul
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # as a user runs it
-                          cwd=ROOT, timeout=120)
-    assert done.returncode == 0, done.stderr
-    printed = [line for line in done.stderr.splitlines() if line.strip() and "Loading weights" not in line]
-    assert printed == []
+# The reference's strings, byte for byte (README: the reference recipe)
+REFERENCE_PROMPT = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get new "
+    "information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
+    "query </search> and it will return the top searched results between <information> and </information>. You can "
+    "search as many times as your want. If you find no further external knowledge needed, you can directly provide "
+    "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
+    "</answer>. Question: {question}\n"
+)
 
 
-def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base_as_reference(
-        tiny_model_dir, tmp_path, monkeypatch):
-    cfg = tiny_config(tiny_model_dir, tmp_path)
-    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
-    assert "Linear4bit" in type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__
-    steered(monkeypatch, tokenizer)
-    seen = []  # the (logp, ref_logp, loss_mask) of every micro-batch the loss sees
-    def spy(logp, old_logp, ref_logp, advantages, loss_mask, *args):
-        seen.append((logp.detach(), ref_logp, loss_mask))
-        return searchr1_grpo_loss(logp, old_logp, ref_logp, advantages, loss_mask, *args)
-    searchr1_grpo_loss = searchr1.grpo_loss
-    monkeypatch.setattr(searchr1, "grpo_loss", spy)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    questions = searchr1.load_qa(cfg.train_data)[:2]
-    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
-    assert stats["reward"] == 0.5 and stats["answered"] == 1.0
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all("lora_" in k for k in changed)
-    assert any("lora_B" in k for k in changed)
-
-    # a second step: the adapter has moved, so policy and reference differ; the reference must be
-    # exactly the base model, loaded afresh without any adapter
-    seen.clear()
-    searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
-    _, fresh = searchr1.load_policy(cfg, torch.device("cpu"))  # a new adapter adds exactly 0 (B = 0)
-    chat = searchr1.uses_chat_template(cfg, tokenizer)  # as train_step prompts: Qwen2.5's template
-    trajectories = searchr1.rollout(model, tokenizer, [searchr1.build_prompt(q["question"], tokenizer, chat)
-                                                       for q in questions], search, cfg.rollout_config())
-    mb = searchr1.pack(trajectories[:3], tokenizer.pad_token_id)
-    with torch.no_grad():
-        base_logp = searchr1.micro_batch_logprobs(fresh, mb, torch.device("cpu"), 1.0)
-    logp, ref_logp, mask = seen[0]
-    in_loss = mask.bool()
-    assert torch.allclose(ref_logp[in_loss], base_logp[in_loss], atol=1e-5)
-    assert not torch.allclose(logp[in_loss], ref_logp[in_loss], atol=1e-3)
+# Qwen2.5's chat template around a user message. The default system line is the instruct models' (the
+# tokenizer in data/); the base models' tokenizers say "You are a helpful assistant." (REFERENCE_CASE_PROMPT)
+QWEN_INSTRUCT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
-@pytest.mark.parametrize("mini_batch_size, micro_batches, optimizer_steps", [
-    (8, [3, 3, 2], 1), (4, [3, 1, 3, 1], 2), (3, [3, 3, 2], 3), (2, [2, 2, 2, 2], 4)])
-def test_each_mini_batch_of_trajectories_is_one_optimizer_step_cut_into_micro_batches(
-        mini_batch_size, micro_batches, optimizer_steps, tiny_model_dir, tmp_path, monkeypatch):
-    # 2 questions x 4 = 8 trajectories a step, micro-batches of 3 (tiny_config)
-    cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False, mini_batch_size=mini_batch_size)
-    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
-    steered(monkeypatch, tokenizer)
-    seen, steps = [], []
-    def spy(logp, *args):
-        seen.append(len(logp))
-        return grpo_loss(logp, *args)
-    monkeypatch.setattr(searchr1, "grpo_loss", spy)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    monkeypatch.setattr(optimizer, "step", lambda: steps.append(len(seen)))  # micro-batches seen by each step
-    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
-                                torch.device("cpu"))
-    assert seen == micro_batches and len(steps) == optimizer_steps
-    assert sum(seen[:steps[0]]) == min(mini_batch_size, 8)  # the first step saw exactly one mini-batch
-    assert stats["entropy"] > 0  # logged: the token mean of the bonus's entropy
+QWEN_CHAT = ("<|im_start|>system\n" + QWEN_INSTRUCT_SYSTEM + "<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+             "<|im_start|>assistant\n")
 
 
-def test_a_tokenizer_without_a_pad_token_trains_as_llama3s_does(tiny_model_dir, tmp_path, monkeypatch):
-    cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False)
-    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
-    tokenizer.pad_token = None  # Llama 3's tokenizers have none
-    assert tokenizer.pad_token_id is None
-    steered(monkeypatch, tokenizer)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
-                                torch.device("cpu"))
-    assert stats["reward"] == 0.5 and math.isfinite(stats["policy_loss"])
+# The prompt of the reference's base-model run (Search-R1's example/case.txt), up to the response
+REFERENCE_CASE_PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    + "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get "
+    "new information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
+    "query </search> and it will return the top searched results between <information> and </information>. You can "
+    "search as many times as your want. If you find no further external knowledge needed, you can directly provide "
+    "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
+    "</answer>. Question: paul walkers cars in fast and furious list?\n<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_the_critic_warms_up_over_its_own_shorter_share_of_the_steps():
-    cfg = searchr1.Config(steps=1000, warmup_ratio=0.285, critic_warmup_ratio=0.015)  # 285 and 15 steps
-    actor, critic = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([{"params": [actor], "lr": 1.0}, {"params": [critic], "lr": 10.0}])
-    scheduler = searchr1.make_scheduler(optimizer, cfg, cfg.steps)
-    lrs = []
-    for _ in range(300):
-        lrs.append(scheduler.get_last_lr())
-        optimizer.step()
-        scheduler.step()
-    assert lrs[0] == pytest.approx([1 / 285, 10 / 15]) and lrs[14] == pytest.approx([15 / 285, 10.0])
-    assert lrs[284] == pytest.approx([1.0, 10.0]) and lrs[299] == pytest.approx([1.0, 10.0])
-    grpo_only = torch.optim.AdamW([actor], lr=1.0)  # GRPO: one group, the actor's schedule
-    assert searchr1.make_scheduler(grpo_only, cfg, cfg.steps).get_last_lr() == pytest.approx([1 / 285])
+REFERENCE_INVALID = (
+    "\nMy previous action is invalid. If I want to search, I should put the query between <search> and </search>. "
+    "If I want to give the final answer, I should put the answer between <answer> and </answer>. Let me try again.\n"
+)
 
 
-# ============================================================================ retriever.py
+# ===================================================================================== retriever.py
+
 ROWS = [  # Search-R1's format: the title line keeps its quotes, as in wiki-18
     {"id": "0", "contents": '"Apple"\nThe apple is a fruit of the apple tree.'},
     {"id": "1", "contents": '"Banana"\nA banana is an elongated, edible fruit.\nIt grows in clusters.'},
@@ -439,12 +151,6 @@ ROWS = [  # Search-R1's format: the title line keeps its quotes, as in wiki-18
     {"id": "3", "contents": '"Paris"\nParis is the capital of France.'},
     {"id": "4", "contents": '"Apple Inc."\nApple designs phones in Cupertino.'},
 ]
-
-
-def write_jsonl(path: Path, rows: list, compress: bool = False) -> Path:
-    text = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
-    path.write_bytes(gzip.compress(text.encode()) if compress else text.encode())
-    return path
 
 
 @pytest.fixture
@@ -696,52 +402,13 @@ def test_top3_equals_lucene_bm25_written_in_numpy_on_real_wiki18_and_nq(wiki_ind
         np.testing.assert_allclose([hit["score"] for hit in hits], score[top3], rtol=1e-5)
 
 
-# ============================================================================ rollout.py
-# The reference's strings, byte for byte (README: the reference recipe)
-REFERENCE_PROMPT = (
-    "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get new "
-    "information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
-    "query </search> and it will return the top searched results between <information> and </information>. You can "
-    "search as many times as your want. If you find no further external knowledge needed, you can directly provide "
-    "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
-    "</answer>. Question: {question}\n"
-)
-# Qwen2.5's chat template around a user message. The default system line is the instruct models' (the
-# tokenizer in data/); the base models' tokenizers say "You are a helpful assistant." (REFERENCE_CASE_PROMPT)
-QWEN_INSTRUCT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-QWEN_CHAT = ("<|im_start|>system\n" + QWEN_INSTRUCT_SYSTEM + "<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-             "<|im_start|>assistant\n")
-# The prompt of the reference's base-model run (Search-R1's example/case.txt), up to the response
-REFERENCE_CASE_PROMPT = (
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-    + "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get "
-    "new information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
-    "query </search> and it will return the top searched results between <information> and </information>. You can "
-    "search as many times as your want. If you find no further external knowledge needed, you can directly provide "
-    "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
-    "</answer>. Question: paul walkers cars in fast and furious list?\n<|im_end|>\n<|im_start|>assistant\n")
-REFERENCE_INVALID = (
-    "\nMy previous action is invalid. If I want to search, I should put the query between <search> and </search>. "
-    "If I want to give the final answer, I should put the answer between <answer> and </answer>. Let me try again.\n"
-)
+# ======================================================================================= rollout.py
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def model():
-    """A 2-layer Qwen2 with random weights and Qwen2.5's vocabulary size, so every tokenizer id is valid."""
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.2)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def ids(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
+def rollout_cfg(**settings) -> RolloutConfig:
+    """A RolloutConfig for the rollout tests: 2 search turns, 500-token budgets, temperature 1, no nucleus,
+    5 samples a prompt, unless a test says otherwise."""
+    return RolloutConfig(**{**dict(max_turns=2, max_new_tokens=500, max_obs_tokens=500, temperature=1.0, top_p=1.0,
+                                   n_samples=5), **settings})
 
 
 def forcing(plans):
@@ -834,7 +501,7 @@ def test_search_then_answer_gives_exact_tokens_text_and_loss_mask(tok, model):
     turn0 = [ids(tok, f" <think> hm </think> <search> q{r} </search>") for r in range(4)]
     turn1 = ids(tok, " <answer> y </answer>")
     calls = []
-    cfg = RolloutConfig(max_turns=2, max_new_tokens=30, n_samples=2)
+    cfg = rollout_cfg(max_turns=2, max_new_tokens=30, n_samples=2)
     trajs = rollout(model, tok, prompts_for(tok, ["a b", "c"]), recording_search(calls), cfg,
                     logits_hook=forcing([[turn0[r], turn1] for r in range(4)]))
     assert calls == [["q0", "q1", "q2", "q3"]]  # one batched search call for the whole turn
@@ -854,7 +521,7 @@ def test_turn_without_action_gets_the_invalid_action_message(tok, model):
     answer = ids(tok, " <answer> y </answer>")
     rambling = (ids(tok, " I am not sure") * 2)[: len(answer)]
     calls = []
-    cfg = RolloutConfig(max_turns=2, max_new_tokens=len(answer), n_samples=1)  # turn 0 ends on its budget
+    cfg = rollout_cfg(max_turns=2, max_new_tokens=len(answer), n_samples=1)  # turn 0 ends on its budget
     (t,) = rollout(model, tok, prompts_for(tok, ["q"]), recording_search(calls), cfg,
                    logits_hook=forcing([[rambling, answer]]))
     assert calls == []
@@ -867,7 +534,7 @@ def test_eos_ends_the_turn_and_is_kept_as_a_sampled_token(tok, model):
     eos = tok.eos_token_id
     turn0 = ids(tok, " maybe") + [eos] + ids(tok, " never sampled")
     answer = ids(tok, " <answer> y </answer>")
-    cfg = RolloutConfig(max_turns=2, max_new_tokens=20, n_samples=1)
+    cfg = rollout_cfg(max_turns=2, max_new_tokens=20, n_samples=1)
     (t,) = rollout(model, tok, prompts_for(tok, ["q"]), recording_search([]), cfg,
                    logits_hook=forcing([[turn0, answer]]))
     sampled0 = ids(tok, " maybe") + [eos]
@@ -880,7 +547,7 @@ def test_eos_ends_the_turn_and_is_kept_as_a_sampled_token(tok, model):
 def test_last_turn_after_max_turns_runs_no_search(tok, model, max_turns):
     search_turn = ids(tok, " <search> x </search>")
     calls = []
-    cfg = RolloutConfig(max_turns=max_turns, max_new_tokens=20, n_samples=1)
+    cfg = rollout_cfg(max_turns=max_turns, max_new_tokens=20, n_samples=1)
     (t,) = rollout(model, tok, prompts_for(tok, ["q"]), recording_search(calls), cfg,
                    logits_hook=forcing([[search_turn] * 5]))
     obs = ids(tok, "\n\n<information>Doc 1(Title: x) all about x</information>\n\n")
@@ -892,7 +559,7 @@ def test_last_turn_after_max_turns_runs_no_search(tok, model, max_turns):
 def test_stop_string_ending_inside_a_token_cuts_right_after_that_token(tok, model):
     turn0 = ids(tok, "<search>query</search>\n") + ids(tok, " after the stop")
     assert tok.decode(turn0[6]) == ">\n"  # Qwen: `</`, `search`, `>\n` — the stop ends inside the last token
-    cfg = RolloutConfig(max_turns=1, max_new_tokens=20, n_samples=1)
+    cfg = rollout_cfg(max_turns=1, max_new_tokens=20, n_samples=1)
     (t,) = rollout(model, tok, prompts_for(tok, ["q"]), recording_search([]), cfg,
                    logits_hook=forcing([[turn0, ids(tok, " <answer> a </answer>")]]))
     obs = ids(tok, "\n\n<information>Doc 1(Title: query) all about query</information>\n\n")
@@ -914,7 +581,7 @@ def mixed_plans(tok, n_rows):
 
 def test_logprobs_equal_a_fresh_full_forward_pass(tok, model):
     prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth", "when did it happen"])
-    cfg = RolloutConfig(max_turns=2, max_new_tokens=14, max_obs_tokens=40, temperature=0.8, n_samples=2)
+    cfg = rollout_cfg(max_turns=2, max_new_tokens=14, max_obs_tokens=40, temperature=0.8, n_samples=2)
     trajs = rollout(model, tok, prompts, recording_search([]), cfg, logits_hook=forcing(mixed_plans(tok, 6)),
                     generator=torch.Generator().manual_seed(0))
     assert len({t.n_turns for t in trajs}) > 1 and len({len(t.response_ids) for t in trajs}) == 6
@@ -931,7 +598,7 @@ def test_logprobs_equal_a_fresh_full_forward_pass(tok, model):
 def test_greedy_batch_equals_each_prompt_rolled_out_alone(tok, model):
     prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth", "when did it happen", "why"])
     plans = mixed_plans(tok, 4)
-    cfg = RolloutConfig(max_turns=2, max_new_tokens=12, max_obs_tokens=30, temperature=0.0, n_samples=1)
+    cfg = rollout_cfg(max_turns=2, max_new_tokens=12, max_obs_tokens=30, temperature=0.0, n_samples=1)
     batch = rollout(model, tok, prompts, recording_search([]), cfg, logits_hook=forcing(plans))
     for p, plan, together in zip(prompts, plans, batch):
         (alone,) = rollout(model, tok, [p], recording_search([]), cfg, logits_hook=forcing([plan]))
@@ -939,12 +606,26 @@ def test_greedy_batch_equals_each_prompt_rolled_out_alone(tok, model):
         torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(together.logprobs), atol=1e-5, rtol=0)
 
 
+def test_the_plain_rollout_makes_the_cached_rollouts_trajectories_under_greedy_decoding(tok, model):
+    prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth", "when did it happen", "why"])
+    plans = mixed_plans(tok, 4)  # searches, answers, invalid actions and free (model-chosen) tokens
+    cfg = rollout_cfg(max_turns=2, max_new_tokens=12, max_obs_tokens=30, temperature=0.0, n_samples=1)
+    cached_calls, plain_calls = [], []
+    cached = rollout(model, tok, prompts, recording_search(cached_calls), cfg, logits_hook=forcing(plans))
+    plain = rollout_plain(model, tok, prompts, recording_search(plain_calls), cfg, logits_hook=forcing(plans))
+    assert cached_calls == plain_calls and any(cached_calls)
+    for a, b in zip(cached, plain):
+        assert (a.response_ids, a.loss_mask, a.text, a.queries) == (b.response_ids, b.loss_mask, b.text, b.queries)
+        assert (a.n_turns, a.answered) == (b.n_turns, b.answered)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.6)])
 def test_sampling_follows_softmax_at_temperature_within_the_nucleus(temperature, top_p):
     torch.manual_seed(0)
     logits, draws = torch.randn(3, 12) * 2, 20000
     many = logits.repeat(draws, 1)  # (3 * draws, 12)
-    cfg = RolloutConfig(temperature=temperature, top_p=top_p)
+    cfg = rollout_cfg(temperature=temperature, top_p=top_p)
     tokens, logp = _sample(many, cfg, torch.Generator().manual_seed(0), None)
     freq = torch.zeros(3, 12).scatter_add_(1, tokens.view(draws, 3).t(), torch.ones(3, draws)) / draws
     p = torch.softmax(logits / temperature, dim=-1)
@@ -959,14 +640,14 @@ def test_sampling_follows_softmax_at_temperature_within_the_nucleus(temperature,
 def test_tiny_top_p_samples_the_most_likely_token(tok, model):
     prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth"])
     greedy = rollout(model, tok, prompts, recording_search([]),
-                     RolloutConfig(max_turns=1, max_new_tokens=6, temperature=0.0, n_samples=1))
+                     rollout_cfg(max_turns=1, max_new_tokens=6, temperature=0.0, n_samples=1))
     nucleus = rollout(model, tok, prompts, recording_search([]),
-                      RolloutConfig(max_turns=1, max_new_tokens=6, top_p=1e-6, n_samples=1))
+                      rollout_cfg(max_turns=1, max_new_tokens=6, top_p=1e-6, n_samples=1))
     assert [t.response_ids for t in nucleus] == [t.response_ids for t in greedy]
 
 
 def test_turn_and_token_budgets_hold_and_observations_are_truncated(tok, model):
-    cfg = RolloutConfig(max_turns=2, max_new_tokens=9, max_obs_tokens=11, temperature=1.0, n_samples=3)
+    cfg = rollout_cfg(max_turns=2, max_new_tokens=9, max_obs_tokens=11, temperature=1.0, n_samples=3)
     search = ids(tok, " <search> x </search>")
     plans = [[search if (r + t) % 2 else [] for t in range(3)] for r in range(6)]  # searches and free sampling
     long_passages = lambda qs: ["Doc 1(Title: x) " + "many words " * 200 for _ in qs]  # noqa: E731
@@ -993,7 +674,158 @@ def test_bench_rollout_runs_and_both_ways_sample_the_same_tokens(tok, capsys):
     assert "| equal | 108 |" in capsys.readouterr().out
 
 
-# ============================================================================ ppo.py
+# ========================================================================================== grpo.py
+
+def test_group_advantages_are_reward_minus_group_mean_over_unbiased_std():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0,  0.0, 0.0, 0.0, 0.0, 0.0])
+    advantages = group_advantages(rewards, group_size=5)
+    std = math.sqrt((3 * 0.4**2 + 2 * 0.6**2) / 4)  # unbiased: divide by G - 1
+    expected = [0.4 / std, -0.6 / std, -0.6 / std, 0.4 / std, 0.4 / std] + [0.0] * 5
+    assert advantages.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_group_of_one_keeps_its_reward_and_all_equal_groups_get_zero():
+    assert group_advantages(torch.tensor([1.0, 0.0]), group_size=1).tolist() == pytest.approx([1.0, 0.0], abs=1e-5)
+    assert group_advantages(torch.tensor([1.0, 1.0, 1.0]), group_size=3).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_clipping_stops_the_gradient_only_past_the_bound_in_the_advantage_direction():
+    old = torch.zeros(4)
+    # ratios 1.5, 0.5, 1.5, 0.5 with advantages +1, -1, -1, +1
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5])).requires_grad_()
+    advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    loss, clipped = clipped_policy_loss(logp, old, advantages, clip_eps=0.2)
+    # -A * clip(ratio) where the clip binds (1.2 for A>0 above, 0.8 for A<0 below), else -A * ratio
+    assert loss.tolist() == pytest.approx([-1.2, 0.8, 1.5, -0.5])
+    assert clipped.tolist() == [1.0, 1.0, 0.0, 0.0]
+    loss.sum().backward()
+    # d(-A ratio)/d logp = -A ratio where unclipped; 0 where the clip binds
+    assert logp.grad.tolist() == pytest.approx([0.0, 0.0, 1.5, -0.5])
+
+
+def test_low_variance_kl_is_zero_at_the_reference_positive_elsewhere_and_clamped():
+    logp = torch.tensor([-1.0, -1.0, -1.0, -30.0])
+    ref = torch.tensor([-1.0, -2.0, 0.0, 0.0])
+    kl = low_var_kl(logp, ref)
+    d = ref - logp
+    assert kl[0] == 0.0
+    assert kl[1:3].tolist() == pytest.approx((torch.exp(d[1:3]) - d[1:3] - 1).tolist())
+    assert kl[3] == 10.0
+
+
+def _loss_inputs(seed=0, B=3, R=6):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(B, R, generator=g) * 3).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(B, R, generator=g)
+    ref = logp.detach() + 0.3 * torch.randn(B, R, generator=g)
+    advantages = torch.randn(B, generator=g)
+    loss_mask = (torch.rand(B, R, generator=g) > 0.4).float()
+    return logp, old, ref, advantages, loss_mask
+
+
+def test_masked_positions_holding_huge_values_change_neither_loss_nor_gradient():
+    logp, old, ref, advantages, loss_mask = _loss_inputs()
+    n = loss_mask.sum()
+    clean_loss, _ = grpo_loss(logp, old, ref, advantages, loss_mask, n)
+    (clean_grad,) = torch.autograd.grad(clean_loss, logp)
+    poisoned_old = torch.where(loss_mask.bool(), old, torch.full_like(old, 1e30))
+    poisoned_ref = torch.where(loss_mask.bool(), ref, torch.full_like(ref, float("nan")))
+    loss, _ = grpo_loss(logp, poisoned_old, poisoned_ref, advantages, loss_mask, n)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == clean_loss.item()
+    assert torch.equal(grad, clean_grad)
+    assert torch.all(grad[loss_mask == 0] == 0) and torch.any(grad[loss_mask == 1] != 0)
+
+
+def test_loss_is_the_token_mean_of_policy_and_kl_terms():
+    logp, old, ref, advantages, loss_mask = _loss_inputs(seed=1)
+    loss, stats = grpo_loss(logp, old, ref, advantages, loss_mask, loss_mask.sum(), kl_coef=0.1)
+    ratio = torch.exp(logp - old)
+    A = advantages[:, None]
+    per_token = torch.maximum(-A * ratio, -A * ratio.clamp(0.8, 1.2))
+    d = ref - logp
+    per_token = per_token + 0.1 * (torch.exp(d) - d - 1)
+    expected = (per_token * loss_mask).sum() / loss_mask.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_entropy_bonus_subtracts_its_coefficient_times_the_masked_token_mean_entropy():
+    logp, old, ref, advantages, loss_mask = _loss_inputs(seed=3)
+    entropy = torch.rand(logp.shape, generator=torch.Generator().manual_seed(3)) * 5
+    entropy[~loss_mask.bool()] = float("inf")  # masked positions must not count, whatever they hold
+    n = loss_mask.sum()
+    without, _ = grpo_loss(logp, old, ref, advantages, loss_mask, n)
+    loss, stats = grpo_loss(logp, old, ref, advantages, loss_mask, n, entropy=entropy, entropy_coef=0.01)
+    mean_entropy = entropy[loss_mask.bool()].mean()
+    assert loss.item() == pytest.approx((without - 0.01 * mean_entropy).item(), rel=1e-6)
+    assert stats["entropy"] / n.item() == pytest.approx(mean_entropy.item(), rel=1e-6)
+
+
+def test_micro_batching_does_not_change_the_mini_batch_gradient():
+    logp, old, ref, advantages, loss_mask = _loss_inputs(seed=2, B=4)
+    n = loss_mask.sum()
+    whole, _ = grpo_loss(logp, old, ref, advantages, loss_mask, n)
+    (whole_grad,) = torch.autograd.grad(whole, logp)
+    parts = sum(grpo_loss(logp[i:i + 1], old[i:i + 1], ref[i:i + 1], advantages[i:i + 1],
+                          loss_mask[i:i + 1], n)[0] for i in range(4))
+    (parts_grad,) = torch.autograd.grad(parts, logp)
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert torch.allclose(parts_grad, whole_grad)
+
+
+def test_token_logprobs_of_a_padded_batch_equal_each_sequence_alone():
+    model = random_qwen2()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 128, (n,), generator=g) for n in (5, 3)]
+    responses = [torch.randint(1, 128, (n,), generator=g) for n in (4, 6)]
+    P, R = 5, 6
+    input_ids = torch.zeros(2, P + R, dtype=torch.long)
+    attention_mask = torch.zeros(2, P + R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, P - len(p): P + len(r)] = torch.cat([p, r])
+        attention_mask[i, P - len(p): P + len(r)] = 1
+    with torch.no_grad():
+        batched = token_logprobs(model, input_ids, attention_mask, response_start=P)  # (2, R)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            alone = torch.log_softmax(model(torch.cat([p, r])[None]).logits[0], dim=-1)
+            expected = alone[len(p) - 1: -1].gather(-1, r[:, None]).squeeze(-1)
+            assert torch.allclose(batched[i, : len(r)], expected, atol=1e-5)
+
+
+def through_chunks(seed: int, pick, **settings):
+    """token_logprobs of a random model made in chunks of 3 positions and in one: for each, the tensor
+    `pick` takes from its output and the gradients of a weighted sum of it. Returns the model, its input
+    and the two (tensor, gradients) results."""
+    model = random_qwen2()
+    input_ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+    results = []
+    for chunk in (3, 1000):
+        model.zero_grad()
+        out = pick(token_logprobs(model, input_ids, torch.ones_like(input_ids), response_start=4, chunk=chunk,
+                                  **settings))                                         # (2, 8)
+        (out * torch.linspace(-1, 1, 8)).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    return model, input_ids, results
+
+
+def test_chunked_logprobs_give_the_same_values_and_gradients_as_one_chunk():
+    _, _, ((chunked, chunked_grads), (whole, whole_grads)) = through_chunks(1, lambda logp: logp)
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked_grads, whole_grads))
+
+
+def test_chunked_entropy_is_the_softmax_entropy_at_temperature_with_the_same_gradient_as_one_chunk():
+    model, input_ids, ((chunked, chunked_grads), (whole, whole_grads)) = through_chunks(
+        2, lambda out: out[1], temperature=0.7, with_entropy=True)
+    with torch.no_grad():  # H = -sum_v p_v log p_v of softmax(logits / T), written out
+        log_p = torch.log_softmax(model(input_ids).logits[:, 3:-1] / 0.7, dim=-1)
+        expected = -(log_p.exp() * log_p).sum(-1)
+    assert torch.allclose(chunked, expected, atol=1e-5) and torch.allclose(whole, expected, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked_grads, whole_grads))
+
+
+# =========================================================================================== ppo.py
+
 def test_gae_with_gamma_and_lambda_one_is_return_minus_value():
     rewards = torch.tensor([[0.0, 0.0, 1.0]])
     values = torch.tensor([[0.2, 0.5, 0.7]])
@@ -1083,15 +915,216 @@ def test_observation_tokens_change_neither_the_actor_nor_the_critic_gradient():
         assert torch.all(a[mask == 0] == 0) and torch.any(a[mask == 1] != 0)
 
 
-# ============================================================================ a PPO step on a 4-bit base
+# ========================================================================================== eval.py
+
+def test_normalize_answer_drops_case_punctuation_articles_and_extra_spaces():
+    assert normalize_answer("  The  Eiffel-Tower, in PARIS! ") == "eiffeltower in paris"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert normalize_answer("theatre") == "theatre"  # only whole words are articles
+
+
+def test_exact_match_is_one_for_any_golden_answer_after_normalisation():
+    assert exact_match("the Beatles", ["Rolling Stones", "Beatles"]) == 1.0
+    assert exact_match("Beatles band", ["Beatles"]) == 0.0
+    assert exact_match(None, ["Beatles"]) == 0.0
+
+
+def test_sub_exact_match_and_f1_give_partial_credit():
+    assert sub_exact_match("the Beatles band", ["beatles"]) == 1.0
+    assert sub_exact_match("Stones", ["Rolling Stones"]) == 0.0
+    assert token_f1("Rolling Stones band", ["The Rolling Stones"]) == pytest.approx(0.8)
+    assert token_f1("nothing", ["Beatles"]) == 0.0
+
+
+def test_extract_answer_takes_the_last_answer_tag_stripped():
+    response = "<think>x</think><answer> Paris </answer> wait <answer>\n Lyon\n</answer>"
+    assert extract_answer(response) == "Lyon"
+    assert extract_answer("<search> q </search>") is None
+
+
+def test_qa_file_errors_name_the_file_line_and_field(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"id": "1", "question": "q?", "golden_answers": ["a"]}\n'
+                    '{"id": "2", "question": "q?", "golden_answers": "a"}\n')
+    with pytest.raises(DataError, match=r"qa.jsonl:2: field 'golden_answers'"):
+        read_qa_file(path)
+    path.write_text('{"id": "1", "golden_answers": ["a"]}\n')
+    with pytest.raises(DataError, match=r"qa.jsonl:1: field 'question'"):
+        read_qa_file(path)
+    path.write_text('{"id": "1", "question": \n')
+    with pytest.raises(DataError, match=r"qa.jsonl:1: invalid JSON"):
+        read_qa_file(path)
+
+
+def test_hub_benchmark_is_downloaded_by_name_and_split(tmp_path, monkeypatch):
+    import huggingface_hub
+    local = tmp_path / "test.jsonl"
+    local.write_text('{"id": "t0", "question": "who?", "golden_answers": ["me"]}\n')
+    asked = []
+    def fake_download(repo_id, filename, repo_type):
+        asked.append((repo_id, filename, repo_type))
+        return str(local)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert load_qa("bamboogle")[0]["golden_answers"] == ["me"]
+    assert load_qa("nq", "train")[0]["id"] == "t0"
+    assert asked == [("RUC-NLPIR/FlashRAG_datasets", "bamboogle/test.jsonl", "dataset"),
+                     ("RUC-NLPIR/FlashRAG_datasets", "nq/train.jsonl", "dataset")]
+    with pytest.raises(DataError, match="unknown dataset 'nqq'"):
+        load_qa("nqq")
+
+
+# ======================== training: searchr1.train_step and train, checkpoints, bench.py gpu --tiny
+
+def write_task(folder: Path, n_questions=8):
+    """A 3-passage corpus and QA files whose golden answer is "y"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"T{i}"\npassage number {i}'}) + "\n"
+                              for i in range(3)))
+    qa = folder / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": f"q{i}", "question": f"question {i}", "golden_answers": ["y"]}) + "\n"
+                          for i in range(n_questions)))
+    return corpus, qa
+
+
+def answer_every_other(tokenizer):
+    """A logits hook that makes even rows answer "y" and odd rows "z": groups with mixed rewards."""
+    targets = [tokenizer.encode(f"<answer> {a} </answer>") for a in ("y", "z")]
+    def hook(logits, rows, turn, step):
+        forced = torch.full_like(logits, -1e9)
+        for i, row in enumerate(rows.tolist()):
+            target = targets[row % 2]
+            forced[i, target[step] if step < len(target) else tokenizer.eos_token_id] = 0.0
+        return forced
+    return hook
+
+
+def steered(monkeypatch, tokenizer):
+    monkeypatch.setattr(searchr1, "rollout",
+                        functools.partial(rollout, logits_hook=answer_every_other(tokenizer)))
+
+
+def tiny_config(model_dir, folder, **overrides):
+    corpus, qa = write_task(folder)
+    settings = dict(model=str(model_dir), train_data=str(qa), eval_data=str(qa), corpus=str(corpus),
+                    index_dir=str(folder / "index"), out_dir=str(folder / "run"), device="cpu",
+                    batch_size=2, group_size=4, mini_batch_size=4, micro_batch_size=3, lr=1e-2,
+                    max_turns=1, max_new_tokens=8, eval_size=2, eval_batch_size=2, steps=2,
+                    save_every=1, eval_every=0)
+    settings.update(overrides)
+    return searchr1.Config(**settings)
+
+
 def ppo_config(model_dir, folder, **overrides):
     return tiny_config(model_dir, folder, algo="ppo", batch_size=2, micro_batch_size=1, critic_lr=1e-2,
                        **overrides)
 
 
+def test_loading_the_4bit_policy_on_the_cpu_prints_no_warning(tiny_model_dir):
+    code = ("import torch, searchr1; cfg = searchr1.Config(model=%r, device='cpu'); "
+            "tokenizer, model = searchr1.load_policy(cfg, torch.device('cpu')); "
+            "model(input_ids=torch.tensor([[1, 2, 3]]))" % str(tiny_model_dir))  # a first 4-bit matmul
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # as a user runs it
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = [line for line in done.stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    assert printed == []
+
+
+def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base_as_reference(
+        tiny_model_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    assert "Linear4bit" in type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__
+    steered(monkeypatch, tokenizer)
+    seen = []  # the (logp, ref_logp, loss_mask) of every micro-batch the loss sees
+    def spy(logp, old_logp, ref_logp, advantages, loss_mask, *args):
+        seen.append((logp.detach(), ref_logp, loss_mask))
+        return grpo_loss(logp, old_logp, ref_logp, advantages, loss_mask, *args)
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    questions = searchr1.load_qa(cfg.train_data)[:2]
+    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
+    assert stats["reward"] == 0.5 and stats["answered"] == 1.0
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert any("lora_B" in k for k in changed)
+
+    # a second step: the adapter has moved, so policy and reference differ; the reference must be
+    # exactly the base model, loaded afresh without any adapter
+    seen.clear()
+    searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
+    _, fresh = searchr1.load_policy(cfg, torch.device("cpu"))  # a new adapter adds exactly 0 (B = 0)
+    chat = searchr1.uses_chat_template(cfg, tokenizer)  # as train_step prompts: Qwen2.5's template
+    trajectories = searchr1.rollout(model, tokenizer, [searchr1.build_prompt(q["question"], tokenizer, chat)
+                                                       for q in questions], search, cfg.rollout_config())
+    mb = searchr1.pack(trajectories[:3], torch.zeros(3), tokenizer.pad_token_id, True, torch.device("cpu"))
+    with torch.no_grad():
+        base_logp = grpo.batch_logprobs(fresh, mb, 1.0)
+    logp, ref_logp, mask = seen[0]
+    in_loss = mask.bool()
+    assert torch.allclose(ref_logp[in_loss], base_logp[in_loss], atol=1e-5)
+    assert not torch.allclose(logp[in_loss], ref_logp[in_loss], atol=1e-3)
+
+
+@pytest.mark.parametrize("mini_batch_size, micro_batches, optimizer_steps", [
+    (8, [3, 3, 2], 1), (4, [3, 1, 3, 1], 2), (3, [3, 3, 2], 3), (2, [2, 2, 2, 2], 4)])
+def test_each_mini_batch_of_trajectories_is_one_optimizer_step_cut_into_micro_batches(
+        mini_batch_size, micro_batches, optimizer_steps, tiny_model_dir, tmp_path, monkeypatch):
+    # 2 questions x 4 = 8 trajectories a step, micro-batches of 3 (tiny_config)
+    cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False, mini_batch_size=mini_batch_size)
+    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    steered(monkeypatch, tokenizer)
+    seen, steps = [], []
+    def spy(logp, *args):
+        seen.append(len(logp))
+        return grpo_loss(logp, *args)
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    monkeypatch.setattr(optimizer, "step", lambda: steps.append(len(seen)))  # micro-batches seen by each step
+    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
+                                torch.device("cpu"))
+    assert seen == micro_batches and len(steps) == optimizer_steps
+    assert sum(seen[:steps[0]]) == min(mini_batch_size, 8)  # the first step saw exactly one mini-batch
+    assert stats["entropy"] > 0  # logged: the token mean of the bonus's entropy
+
+
+def test_a_tokenizer_without_a_pad_token_trains_as_llama3s_does(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False)
+    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    tokenizer.pad_token = None  # Llama 3's tokenizers have none
+    assert tokenizer.pad_token_id is None
+    steered(monkeypatch, tokenizer)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
+                                torch.device("cpu"))
+    assert stats["reward"] == 0.5 and math.isfinite(stats["policy_loss"])
+
+
+def test_the_critic_warms_up_over_its_own_shorter_share_of_the_steps():
+    cfg = searchr1.Config(steps=1000, warmup_ratio=0.285, critic_warmup_ratio=0.015)  # 285 and 15 steps
+    actor, critic = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [actor], "lr": 1.0}, {"params": [critic], "lr": 10.0}])
+    scheduler = searchr1.make_scheduler(optimizer, cfg, cfg.steps)
+    lrs = []
+    for _ in range(300):
+        lrs.append(scheduler.get_last_lr())
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx([1 / 285, 10 / 15]) and lrs[14] == pytest.approx([15 / 285, 10.0])
+    assert lrs[284] == pytest.approx([1.0, 10.0]) and lrs[299] == pytest.approx([1.0, 10.0])
+    grpo_only = torch.optim.AdamW([actor], lr=1.0)  # GRPO: one group, the actor's schedule
+    assert searchr1.make_scheduler(grpo_only, cfg, cfg.steps).get_last_lr() == pytest.approx([1 / 285])
+
+
 def test_a_ppo_step_changes_only_the_two_adapters_and_the_value_head(tiny_model_dir, tmp_path, monkeypatch):
     cfg = ppo_config(tiny_model_dir, tmp_path)
-    assert cfg.group_size == 1  # forced by --algo ppo
+    assert cfg.samples_per_question == 1  # --algo ppo: one response per question
     tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
     steered(monkeypatch, tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -1236,13 +1269,77 @@ def test_samples_show_what_the_policy_wrote_and_what_the_search_returned_and_eac
     assert len(saved["predictions"]) == finished_run.eval_size and "response" in saved["predictions"][0]
 
 
-def test_plot_draws_several_runs_metrics_in_one_png(finished_run, tmp_path):
-    run = Path(finished_run.out_dir)
-    png = tmp_path / "figure.png"
-    assert searchr1.main(["plot", str(run), str(run), "--out", str(png)]) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    assert searchr1.main(["plot", str(tmp_path)]) == 2  # not a run folder: one line, exit code 2
+def test_bench_gpu_tiny_times_a_real_grpo_step_on_the_forced_script_and_prints_the_full_table(monkeypatch, capsys):
+    results = []  # main() dispatches to bench.bench_gpu; keep what it returns
+    real_bench_gpu = bench.bench_gpu
+    monkeypatch.setattr(bench, "bench_gpu", lambda args: results.append(real_bench_gpu(args)))
+    # 2 questions x 2 samples in rollout chunks of 1 question, 3 turns of 12 forced tokens; a made-up
+    # measured device (0.5 TB/s, 10 TFLOPS) so the consumer-card estimate is computed too
+    monkeypatch.setattr(sys, "argv", ["bench.py", "gpu", "--tiny", "--questions", "2", "--group-size", "2",
+                                      "--rollout-batch-size", "1", "--tokens-per-turn", "12",
+                                      "--device-tbps", "0.5", "--device-tflops", "10",
+                                      "--profile", "--profile-rows", "5"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)  # --tiny runs on one thread; the rest of the session keeps its own
+    (r,) = results
+    out = capsys.readouterr().out
 
+    # train_step's rollout sampled exactly the script, in both chunks, and model.generate the very same tokens
+    assert r["sampled_tokens"] == r["forced_tokens"] == 2 * 2 * 3 * 12
+    assert r["same_tokens"] is True
+    # each chunk's last turns answer "yes" (the golden answer) then "no": reward 0.5, so the update has a
+    # gradient, and it moved the LoRA weights and nothing else
+    assert r["reward"] == 0.5
+    assert r["changed_lora"] > 0 and r["changed_frozen"] == 0
+    # the phases are real, positive, and make up the step
+    assert all(r[key] > 0 for key in ("rollout_s", "logprob_s", "update_s", "generate_tok_s", "peak_gb"))
+    assert r["rollout_s"] + r["logprob_s"] + r["update_s"] == pytest.approx(r["step_s"])
+    assert r["ours_tok_s"] == pytest.approx(r["sampled_tokens"] / r["rollout_s"])
+    assert r["steps_in_3h"] == pytest.approx(3 * 3600 / r["step_s"])
+    # RTX 4090 (1.008 TB/s, 165 TFLOPS): the rollout scales by bandwidth, the other phases by FLOPs
+    estimate = r["estimate"]
+    assert estimate["rollout_s"] == pytest.approx(r["rollout_s"] * 0.5 / 1.008)
+    assert estimate["step_s"] == pytest.approx(estimate["rollout_s"] + (r["logprob_s"] + r["update_s"]) * 10 / 165)
+
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| device |"))
+    columns = lines[header].strip("| ").split(" | ")
+    for column in ("device", "model", "batch", "rollout tok/s (ours)", "rollout tok/s (generate)", "ours / generate",
+                   "rollout s", "log-prob s", "update s", "step s", "peak GB", "GRPO steps in 3 h"):
+        assert column in columns
+    measured, estimated = (dict(zip(columns, line.strip("| ").split(" | "))) for line in lines[header + 2: header + 4])
+    assert measured["device"] == "CPU (1 thread)" and measured["batch"] == "2 x 2"
+    assert measured["GRPO steps in 3 h"] == f"{r['steps_in_3h']:.0f}"
+    assert estimated["device"] == "RTX 4090 (estimate)"
+    assert estimated["step s"] == f"{estimate['step_s']:.1f}"
+    assert "OOM" not in out
+    assert sum(line.startswith("  ") and ": peak memory" in line for line in lines) == 2  # targets, both rows
+    # --profile: one more step under torch.profiler, its top ops
+    assert "profile of one more train_step" in out and "aten::" in out
+
+
+def test_a_phase_that_runs_out_of_memory_is_noted_with_its_line_and_the_bench_goes_on():
+    from grpo import token_logprobs
+    def model_out_of_memory(**inputs):  # a log-prob pass whose model call runs out of GPU memory
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.68 GiB\nof which 1 GiB is free")
+    ids = torch.ones(1, 4, dtype=torch.long)
+    notes = []
+    class OutOfMemoryModel:
+        def get_decoder(self):
+            return model_out_of_memory
+    failing_pass = lambda: token_logprobs(OutOfMemoryModel(), ids, torch.ones_like(ids), 2)  # noqa: E731
+    assert bench._measure("train_step", failing_pass, torch.device("cpu"), notes) is None
+    (note,) = notes
+    assert note.startswith("train_step ran out of memory under the cap in grpo.py:") and "get_decoder()(" in note
+    assert note.endswith(": CUDA out of memory. Tried to allocate 10.68 GiB")  # the message's first line
+    result, seconds, peak_gb = bench._measure("a pass that fits", lambda: 42, torch.device("cpu"), notes)
+    assert (result, len(notes)) == (42, 1) and seconds >= 0 and peak_gb > 0
+
+
+# ================================================== the commands: eval, ask, plot, the command line
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
@@ -1285,7 +1382,14 @@ def test_python_older_than_3_11_is_told_so_in_one_line():
     searchr1.require_python((3, 11, 0))  # passes
 
 
-# ============================================================================ searchr1.py eval and ask
+def test_plot_draws_several_runs_metrics_in_one_png(finished_run, tmp_path):
+    run = Path(finished_run.out_dir)
+    png = tmp_path / "figure.png"
+    assert searchr1.main(["plot", str(run), str(run), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert searchr1.main(["plot", str(tmp_path)]) == 2  # not a run folder: one line, exit code 2
+
+
 # The baselines' prompts README documents, written out in full (Search-R1's own: REFERENCE_PROMPT)
 DIRECT = ("Answer the given question. Provide the answer inside <answer> and </answer>, without detailed "
           "illustrations. For example, <answer> Beijing </answer>. Question: {question}\n")
@@ -1487,7 +1591,8 @@ def test_ask_without_a_question_reads_questions_until_an_empty_line(tiny_model_d
     assert capsys.readouterr().out.count("answer: y  (0 searches)") == 2
 
 
-# ============================================================================ search_api.py
+# ================================= search_api.py: the server, the client, training against a server
+
 # Passage tokens (lowercased, stopwords gone; the title line is indexed too) and lengths |d|:
 #   0 paris paris capital france               4
 #   1 lyon lyon city france saone river        6   (two lines of text; "saône" is one token)
@@ -1876,78 +1981,8 @@ def test_training_that_loses_its_search_server_saves_its_last_step_and_resumes_w
     assert json.loads((checkpoints / "latest.json").read_text())["step"] == 2
 
 
-# ============================================================================ bench.py gpu --tiny
-def test_bench_gpu_tiny_times_a_real_grpo_step_on_the_forced_script_and_prints_the_full_table(monkeypatch, capsys):
-    results = []  # main() dispatches to bench.bench_gpu; keep what it returns
-    real_bench_gpu = bench.bench_gpu
-    monkeypatch.setattr(bench, "bench_gpu", lambda args: results.append(real_bench_gpu(args)))
-    # 2 questions x 2 samples in rollout chunks of 1 question, 3 turns of 12 forced tokens; a made-up
-    # measured device (0.5 TB/s, 10 TFLOPS) so the consumer-card estimate is computed too
-    monkeypatch.setattr(sys, "argv", ["bench.py", "gpu", "--tiny", "--questions", "2", "--group-size", "2",
-                                      "--rollout-batch-size", "1", "--tokens-per-turn", "12",
-                                      "--device-tbps", "0.5", "--device-tflops", "10",
-                                      "--profile", "--profile-rows", "5"])
-    threads = torch.get_num_threads()
-    try:
-        bench.main()
-    finally:
-        torch.set_num_threads(threads)  # --tiny runs on one thread; the rest of the session keeps its own
-    (r,) = results
-    out = capsys.readouterr().out
+# =================== tiny.py: the learning proof, and the tiny agent taken away (ask, eval, export)
 
-    # train_step's rollout sampled exactly the script, in both chunks, and model.generate the very same tokens
-    assert r["sampled_tokens"] == r["forced_tokens"] == 2 * 2 * 3 * 12
-    assert r["same_tokens"] is True
-    # each chunk's last turns answer "yes" (the golden answer) then "no": reward 0.5, so the update has a
-    # gradient, and it moved the LoRA weights and nothing else
-    assert r["reward"] == 0.5
-    assert r["changed_lora"] > 0 and r["changed_frozen"] == 0
-    # the phases are real, positive, and make up the step
-    assert all(r[key] > 0 for key in ("rollout_s", "logprob_s", "update_s", "generate_tok_s", "peak_gb"))
-    assert r["rollout_s"] + r["logprob_s"] + r["update_s"] == pytest.approx(r["step_s"])
-    assert r["ours_tok_s"] == pytest.approx(r["sampled_tokens"] / r["rollout_s"])
-    assert r["steps_in_3h"] == pytest.approx(3 * 3600 / r["step_s"])
-    # RTX 4090 (1.008 TB/s, 165 TFLOPS): the rollout scales by bandwidth, the other phases by FLOPs
-    estimate = r["estimate"]
-    assert estimate["rollout_s"] == pytest.approx(r["rollout_s"] * 0.5 / 1.008)
-    assert estimate["step_s"] == pytest.approx(estimate["rollout_s"] + (r["logprob_s"] + r["update_s"]) * 10 / 165)
-
-    lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("| device |"))
-    columns = lines[header].strip("| ").split(" | ")
-    for column in ("device", "model", "batch", "rollout tok/s (ours)", "rollout tok/s (generate)", "ours / generate",
-                   "rollout s", "log-prob s", "update s", "step s", "peak GB", "GRPO steps in 3 h"):
-        assert column in columns
-    measured, estimated = (dict(zip(columns, line.strip("| ").split(" | "))) for line in lines[header + 2: header + 4])
-    assert measured["device"] == "CPU (1 thread)" and measured["batch"] == "2 x 2"
-    assert measured["GRPO steps in 3 h"] == f"{r['steps_in_3h']:.0f}"
-    assert estimated["device"] == "RTX 4090 (estimate)"
-    assert estimated["step s"] == f"{estimate['step_s']:.1f}"
-    assert "OOM" not in out
-    assert sum(line.startswith("  ") and ": peak memory" in line for line in lines) == 2  # targets, both rows
-    # --profile: one more step under torch.profiler, its top ops
-    assert "profile of one more train_step" in out and "aten::" in out
-
-
-def test_a_phase_that_runs_out_of_memory_is_noted_with_its_line_and_the_bench_goes_on():
-    from grpo import token_logprobs
-    def model_out_of_memory(**inputs):  # a log-prob pass whose model call runs out of GPU memory
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.68 GiB\nof which 1 GiB is free")
-    ids = torch.ones(1, 4, dtype=torch.long)
-    notes = []
-    class OutOfMemoryModel:
-        def get_decoder(self):
-            return model_out_of_memory
-    failing_pass = lambda: token_logprobs(OutOfMemoryModel(), ids, torch.ones_like(ids), 2)  # noqa: E731
-    assert bench._measure("train_step", failing_pass, torch.device("cpu"), notes) is None
-    (note,) = notes
-    assert note.startswith("train_step ran out of memory under the cap in grpo.py:") and "get_decoder()(" in note
-    assert note.endswith(": CUDA out of memory. Tried to allocate 10.68 GiB")  # the message's first line
-    result, seconds, peak_gb = bench._measure("a pass that fits", lambda: 42, torch.device("cpu"), notes)
-    assert (result, len(notes)) == (42, 1) and seconds >= 0 and peak_gb > 0
-
-
-# ============================================================================ tiny.py: the learning proof
 SMALL = tiny.TinyTask(entities=40, held_out=15)
 
 
@@ -2061,9 +2096,10 @@ def test_model_tiny_with_algo_ppo_samples_as_many_trajectories_a_step_as_grpo(mo
     for argv in (["--model", "tiny"], ["--model", "tiny", "--algo", "ppo"],
                  ["--model", "tiny", "--algo", "ppo", "--batch-size", "24"]):
         assert searchr1.main(argv) == 0
-    grpo, ppo, ppo_24 = seen
-    assert grpo.batch_size * grpo.group_size == ppo.batch_size * ppo.group_size == 80
-    assert ppo.group_size == 1 and ppo.lr == grpo.lr and ppo.steps == grpo.steps
+    grpo_cfg, ppo_cfg, ppo_24 = seen
+    assert grpo_cfg.batch_size * grpo_cfg.samples_per_question == ppo_cfg.batch_size * ppo_cfg.samples_per_question
+    assert grpo_cfg.batch_size * grpo_cfg.samples_per_question == 80
+    assert ppo_cfg.samples_per_question == 1 and ppo_cfg.lr == grpo_cfg.lr and ppo_cfg.steps == grpo_cfg.steps
     assert ppo_24.batch_size == 24
 
 
