@@ -48,10 +48,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+import plan
+import rollout as rollout_chapter
 import searchr1
-from grpo import token_logprobs
+from grpo import batch_logprobs, token_logprobs
 from retriever import format_passages
-from rollout import RolloutConfig, build_prompt, observation, rollout, rollout_plain
+from rollout import RolloutConfig, build_prompt, observation, pad_id, rollout, rollout_plain
 from searchr1 import clock, peak_memory_gb
 
 LOGPROB_CHUNK = inspect.signature(token_logprobs).parameters["chunk"].default  # positions of logits at a time
@@ -292,7 +294,8 @@ def bench_rollout(args) -> list[dict]:
         (ours_s, ours_cpu), (naive_s, naive_cpu) = best["ours"], best["naive"]
         results.append({"lengths": mode, "sampled_tokens": sampled, "ours_s": ours_s, "naive_s": naive_s,
                         "ours_tok_s": sampled / ours_s, "naive_tok_s": sampled / naive_s, "speedup": naive_s / ours_s,
-                        "cpu_speedup": naive_cpu / ours_cpu, "same_tokens": same})
+                        "cpu_speedup": naive_cpu / ours_cpu, "same_tokens": same,
+                        "outside_forward": outside_forward_share(ours) if args.profile else None})
     print(f"\nrandom Qwen2 (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
           f"{args.trajectories} trajectories, {args.turns} turns of <= {args.tokens_per_turn} tokens, "
           f"{args.obs_tokens}-token observations, {args.prompt_tokens}-token prompts, "
@@ -304,7 +307,24 @@ def bench_rollout(args) -> list[dict]:
         print(f"| {r['lengths']} | {r['sampled_tokens']} | {r['ours_s']:.1f} | {r['ours_tok_s']:.0f} "
               f"| {r['naive_s']:.1f} | {r['naive_tok_s']:.0f} | {r['speedup']:.2f}x | {r['cpu_speedup']:.2f}x "
               f"| {'yes' if r['same_tokens'] else 'NO'} |")
+    for r in results if args.profile else []:
+        print(f"{r['lengths']} lengths: {r['outside_forward']:.0%} of rollout.py's time is spent outside the model's "
+              "forward calls (sampling, stop-string checks, bookkeeping)")
     return results
+
+
+def outside_forward_share(run) -> float:
+    """The share of run()'s wall time spent outside the model's forward calls (rollout._forward)."""
+    spent, forward = [0.0], rollout_chapter._forward
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        spent[0] += time.perf_counter() - start
+        return out
+    with mock.patch.object(rollout_chapter, "_forward", timed):
+        start = time.perf_counter()
+        run()
+        return 1 - spent[0] / (time.perf_counter() - start)
 
 
 SERVE_TARGET = "HTTP costs at most 20% of in-process throughput at batch 256 (HTTP queries/s >= 0.8x)"
@@ -411,7 +431,7 @@ def bench_serve(args):
 
 
 # Issue 6's targets for a run on one 24 GB consumer card, and the shape of the model measured
-GPU_TARGETS = {"peak_gb": 20, "steps_in_3h": 60}  # peak memory < 20 GB; >= 60 GRPO steps of 64 x 5 in 3 hours
+GPU_TARGETS = {"peak_gb": 20, "steps_in_3h": searchr1.Config().steps}  # peak < 20 GB; the default run in 3 hours
 QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                  intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
                  max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",
@@ -419,7 +439,7 @@ QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
 # --tiny: the same vocabulary (every id of the real tokenizer exists), a model of ~10M parameters
 TINY_QWEN2 = dict(QWEN25_3B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 # batch and lengths measured (issue 6) and those of --tiny; a flag given on the command line wins
-GPU_SIZES = dict(questions=64, tokens_per_turn=500, passage_tokens=130)  # micro-batch, rollout chunk: Config's
+GPU_SIZES = dict(questions=searchr1.Config().batch_size, tokens_per_turn=500, passage_tokens=130)  # micro-batch, rollout chunk: Config's
 GPU_TINY_SIZES = dict(questions=2, tokens_per_turn=12, passage_tokens=4, group_size=2, micro_batch_size=2,
                       rollout_batch_size=1)  # 2 chunks: the hook's rows restart at 0 in each
 # memory bandwidth (TB/s) and dense bf16 tensor throughput (TFLOPS, FP32 accumulate) from the vendors'
@@ -463,7 +483,7 @@ def _measure(what: str, fn, device, notes: list[str]):
 
 
 def bench_gpu(args) -> dict:
-    """Issue 6: is one GRPO step of 64 x 5 on Qwen2.5-3B in 4-bit affordable on a 24 GB card?
+    """Is one GRPO step of the default batch on Qwen2.5-3B in 4-bit affordable on a 24 GB card?
 
     Cost does not depend on weight values, so Qwen2.5-3B is built from its config with random weights,
     saved with the real tokenizer and loaded through searchr1.load_policy -- NF4 4-bit, LoRA, gradient
@@ -473,13 +493,15 @@ def bench_gpu(args) -> dict:
     survive), each search gets 3 passages of ~130 tokens, and the last turn ends in `<answer> yes
     </answer>` on even rows and `no` on odd ones, so every group has rewards 1 and 0 and the update
     has a gradient. Measured: one real searchr1.train_step on the script, timed by phase (rollout,
-    pi_old/pi_ref log-probs, update), its rollout's tokens/s beside model.generate re-run over each
-    whole history every turn, in the same chunks of rollout_batch_size questions (the same tokens,
+    pi_old/pi_ref log-probs, update), its rollout's tokens/s beside rollout_plain (model.generate re-run
+    over each whole history every turn) on the first chunk of rollout_batch_size questions (the same tokens,
     checked). --tiny runs all of it on the CPU with a tiny Qwen2.
     """
     r = gpu_measure(args)
     r["estimate"] = gpu_estimate(r, args)
     gpu_print(r, args)
+    if args.json:  # the table as data, for README and for a device run's $OUT
+        Path(args.json).write_text(json.dumps({k: v for k, v in r.items() if k != "profile"}, indent=1, default=str))
     return r
 
 
@@ -513,8 +535,11 @@ def gpu_measure(args) -> dict:
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:  # the checkpoint is gone once loaded
         _save_random_qwen2(architecture, tokenizer, Path(folder), device)
-        cfg = searchr1.Config(model=folder, **settings)
+        cfg = searchr1.Config(model=folder, gpu_memory_gb=args.memory_cap_gb if cuda else 0, **settings)
         tokenizer, model = searchr1.load_policy(cfg, device)
+    questions = [{"question": f"What happened in town number {i}", "golden_answers": ["yes"]}
+                 for i in range(args.questions)]
+    cfg = searchr1.fit_to_memory(cfg, model, tokenizer, questions, device)  # prints the plan on a GPU
     model_name = f"random {'tiny Qwen2' if args.tiny else 'Qwen2.5-3B'}, NF4 + LoRA r{cfg.lora_r}"
     turns, chunk = cfg.max_turns + 1, min(cfg.rollout_batch_size, args.questions)
 
@@ -533,8 +558,6 @@ def gpu_measure(args) -> dict:
                                    * (args.passage_tokens // 10 + 1))[: args.passage_tokens])
     passages = format_passages([{"title": f"Town {i}", "text": text} for i in range(1, cfg.topk + 1)])
     search = lambda queries: [passages] * len(queries)  # noqa: E731
-    questions = [{"question": f"What happened in town number {i}", "golden_answers": ["yes"]}
-                 for i in range(args.questions)]
     prompts = [build_prompt(q["question"], tokenizer, searchr1.uses_chat_template(cfg, tokenizer)) for q in questions]
     rollout_cfg = cfg.rollout_config()
 
@@ -543,10 +566,18 @@ def gpu_measure(args) -> dict:
     short = dataclasses.replace(rollout_cfg, max_new_tokens=4)  # warm-up: kernels, allocator, caches
     rollout(model, tokenizer, prompts[:1], search, short, logits_hook=hook)
     rollout_plain(model, tokenizer, prompts[:1], search, short, logits_hook=hook)
-    naive = _measure("model.generate", lambda: [  # in train_step's chunks
-        t.response_ids for i in range(0, len(prompts), chunk)
-        for t in rollout_plain(model, tokenizer, prompts[i: i + chunk], search, rollout_cfg, logits_hook=hook)],
+    naive = _measure("model.generate", lambda: [  # on the first rollout chunk: it only sets the speed-up
+        t.response_ids for t in rollout_plain(model, tokenizer, prompts[:chunk], search, rollout_cfg, logits_hook=hook)],
         device, notes)
+
+    # --- pi_old drift: the log-probs the sampler recorded against a fresh forward pass (what --old-logprobs
+    # rollout would train with instead of what recompute does), on one micro-batch of one rollout chunk
+    sampled = rollout(model, tokenizer, prompts[:chunk], search, rollout_cfg, logits_hook=hook)[: cfg.micro_batch_size]
+    batch = searchr1.pack(sampled, torch.zeros(len(sampled)), pad_id(tokenizer), True, device)
+    with torch.no_grad():
+        delta = (batch_logprobs(model, batch, cfg.temperature) - batch.old_logp)[batch.loss_mask.bool()]
+    r_drift = {"max": delta.abs().max().item(), "mean": delta.abs().mean().item(),
+               "ratio_std": delta.exp().std().item() if delta.numel() > 1 else 0.0}
 
     # --- one real GRPO step whose rollout follows the script; the parameters before it, to see what it changed
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -568,10 +599,11 @@ def gpu_measure(args) -> dict:
     r = {"device": device_name, "model": model_name, "batch": f"{args.questions} x {cfg.group_size}",
          "forced_tokens": forced, "sampled_tokens": sum(sum(t.loss_mask) for t in sampled_in_step) if trained else None,
          "response_tokens": max(len(t.response_ids) for t in sampled_in_step) if trained else None,
-         "generate_tok_s": forced / naive[1] if naive else None, "generate_peak_gb": naive[2] if naive else None,
-         "same_tokens": [t.response_ids for t in sampled_in_step] == naive[0] if trained and naive else None,
+         "generate_tok_s": rows * turns * args.tokens_per_turn / naive[1] if naive else None,
+         "generate_peak_gb": naive[2] if naive else None,
+         "same_tokens": [t.response_ids for t in sampled_in_step[:rows]] == naive[0] if trained and naive else None,
          "changed_lora": sum("lora_" in name for name in changed),
-         "changed_frozen": sum("lora_" not in name for name in changed), "notes": notes}
+         "changed_frozen": sum("lora_" not in name for name in changed), "notes": notes, "pi_old_drift": r_drift}
     if trained:
         (stats, _, _), _, r["peak_gb"] = trained  # train_step: (stats, trajectories, rewards)
         r.update({key: stats[key] for key in ("rollout_s", "logprob_s", "update_s", "step_s", "reward")})
@@ -646,7 +678,11 @@ def gpu_print(r: dict, args) -> None:
           f"the step changed {r['changed_lora']} LoRA tensors and {r['changed_frozen']} others; "
           f"reward {cell(r, 'reward', '.2f')}")
     print(r["memory"])
-    print("targets (issue 6):")
+    drift = r["pi_old_drift"]
+    print(f"pi_old drift (the sampler's log-probs against a fresh pass, {r['batch']} trajectories' first micro-batch): "
+          f"max |d log p| {drift['max']:.2e}, mean {drift['mean']:.2e}; the first update's ratio exp(d) has a spread "
+          f"(std) of {drift['ratio_std']:.2e} (the clip acts at 0.2)")
+    print("targets:")
     for row in [r] + ([estimate] if estimate else []):
         peak_ok = row.get("peak_gb") is not None and row["peak_gb"] < GPU_TARGETS["peak_gb"]
         steps_ok = row.get("steps_in_3h") is not None and row["steps_in_3h"] >= GPU_TARGETS["steps_in_3h"]
@@ -667,6 +703,29 @@ def gpu_print(r: dict, args) -> None:
         print(f"note: {note}")
     if r["profile"]:
         print(f"\n{r['profile']}")
+
+
+def bench_plan(args) -> list:
+    """The memory plan of Qwen2.5-3B at searchr1's defaults (arithmetic, no model), for each card size;
+    the prompt as long as Search-R1's prompt of a 20-word question in Qwen2.5's chat template."""
+    cfg = searchr1.Config(algo=args.algo)
+    tokenizer = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
+    prompt = len(build_prompt(" ".join(["word"] * 20), tokenizer, chat=True))
+    plans = []
+    for gb in args.gpu_memory_gb:
+        budget = plan.memory_plan(
+            plan.Shape.of(QWEN25_3B), gb, load_4bit=True, dtype_bytes=2, lora_rank=cfg.lora_r,
+            adapters=2 if cfg.algo == "ppo" else 1, questions=cfg.batch_size, samples_per_question=cfg.samples_per_question,
+            mini_batch_size=cfg.mini_batch_size, prompt_tokens=prompt,
+            response_tokens=(cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens,
+            new_tokens=max(prompt, cfg.max_obs_tokens + 1))
+        print(f"Qwen2.5-3B, NF4 + LoRA r{cfg.lora_r}, bfloat16, {args.algo.upper()} {cfg.batch_size} x "
+              f"{cfg.samples_per_question}, prompt {prompt} + response budget "
+              f"{(cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens} tokens; "
+              f"chosen: --rollout-batch-size {budget.rollout_batch_size} --micro-batch-size {budget.micro_batch_size}")
+        print(budget.table())
+        plans.append(budget)
+    return plans
 
 
 def main(argv: list[str] | None = None):
@@ -699,6 +758,9 @@ def main(argv: list[str] | None = None):
     rollout_parser.add_argument("--repeats", type=int, default=1, help="timed runs of each way; the fastest counts")
     rollout_parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     rollout_parser.add_argument("--seed", type=int, default=0)
+    rollout_parser.add_argument("--profile", action="store_true",
+                                help="also time one more rollout.py run by where its time goes: the model's forward "
+                                     "calls, or everything else")
     rollout_parser.add_argument("--tokenizer", default=str(QWEN_TOKENIZER),
                                 help="a tokenizer folder or hub id (default: the project's data/qwen2.5-tokenizer)")
     rollout_parser.set_defaults(run=bench_rollout)
@@ -712,6 +774,11 @@ def main(argv: list[str] | None = None):
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--workdir", default=None, help="folder for the temporary corpus and index")
     serve.set_defaults(run=bench_serve)
+
+    plan_parser = commands.add_parser("plan", help="the memory plan of Qwen2.5-3B at the defaults, by arithmetic")
+    plan_parser.add_argument("--gpu-memory-gb", type=float, nargs="+", default=[24, 16], help="card sizes to plan for")
+    plan_parser.add_argument("--algo", default="grpo", choices=("grpo", "ppo"))
+    plan_parser.set_defaults(run=bench_plan)
 
     gpu = commands.add_parser("gpu", help="Qwen2.5-3B in 4-bit + LoRA under a 24 GB cap: rollout tokens/s, "
                                           "GRPO step by phase, peak memory, steps in 3 hours")
@@ -742,6 +809,7 @@ def main(argv: list[str] | None = None):
     gpu.add_argument("--tokenizer", default=str(QWEN_TOKENIZER),
                      help="a tokenizer folder or hub id (default: the project's data/qwen2.5-tokenizer)")
     gpu.add_argument("--workdir", default=None, help="folder for the random checkpoint (6 GB for 3B)")
+    gpu.add_argument("--json", default="", help="also write the results to this JSON file")
     gpu.set_defaults(run=bench_gpu)
 
     args = parser.parse_args(argv)

@@ -38,7 +38,8 @@ class Batch:
     loss_mask (B, R): 1 = a token the loss is taken over -- one the policy sampled; with retrieved-token
         masking off (the paper's ablation), every real response token, retrieved ones included.
     advantages: GRPO (B,), one per trajectory, broadcast to its tokens; PPO (B, R), one per token.
-    old_logp, ref_logp (B, R): log pi_old and log pi_ref of each response token (computed after packing).
+    old_logp, ref_logp (B, R): log pi_old and log pi_ref of each response token: old_logp as the rollout
+        recorded it while sampling, or recomputed after packing (--old-logprobs); ref_logp computed.
     values, returns (B, R): PPO only, V_old(s_t) and the critic's target G_t (ppo.token_advantages).
     """
     input_ids: torch.Tensor

@@ -184,16 +184,17 @@ def token_advantages(model, batches: list, rewards, cfg) -> dict:
             "kl": masked_sum(kl, mask).item() / max(mask.sum().item(), 1)}
 
 
-def batch_loss(model, batch, n_tokens: float, cfg):
-    """PPO's loss of one micro-batch: the critic's, backpropagated here, then the actor's, returned
-    for the caller's backward (each a share of the mini-batch's token mean), and their stats' sums."""
+def batch_loss(model, batch, n_tokens: float, cfg, backward=torch.Tensor.backward):
+    """PPO's loss of one micro-batch: the critic's, backpropagated here (by `backward`, which may scale
+    it), then the actor's, returned for the caller's backward (each a share of the mini-batch's token
+    mean), and their stats' sums."""
     model.set_adapter(CRITIC)
     values = token_values(model, batch.input_ids, batch.attention_mask, batch.response_start)      # (b, R)
     loss, critic_stats = critic_loss(values, batch.values, batch.returns, batch.loss_mask, n_tokens,
                                      cfg.value_clip)
     # backward now, before the adapter changes: with gradient checkpointing, backward re-runs each
     # layer, and it must re-run it under the adapter that ran the forward pass
-    loss.backward()
+    backward(loss)
     model.set_adapter(ACTOR)
     logp, entropy = batch_logprobs(model, batch, cfg.temperature, with_entropy=True)             # (b, R)
     loss, actor_stats = actor_loss(logp, batch.old_logp, batch.advantages, batch.loss_mask, n_tokens,

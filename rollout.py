@@ -15,10 +15,11 @@ What a trajectory keeps, and the masks
     loss_mask     1 = a token the policy sampled and is trained on; 0 = an observation token (retrieved
                   passages or the invalid-action message). The paper's "retrieved-token masking".
     logprobs      log pi(token) under the full softmax(logits / T) at sampled positions, 0.0 at
-                  observations: what the sampler saw. Training does not read them (it recomputes pi_old
-                  in its own pass, as the reference does); a test checks they equal that pass.
-The sampled tokens are kept exactly as sampled. Stop strings are found on decoded text — they can
-span tokens or end inside one (Qwen writes "query</search>\\n" as `query`,`</`,`search`,`>\\n`) — and
+                  observations: what the sampler saw. Training recomputes pi_old in its own pass, as the
+                  reference does, unless --old-logprobs rollout makes it use these (a test checks they
+                  equal that pass in float32).
+The sampled tokens are kept exactly as sampled. Stop strings are found in the text of the newest
+tokens — they can span tokens or end inside one (Qwen writes "query</search>\\n" as `query`,`</`,`search`,`>\\n`) — and
 the turn is cut right after the token that completes them; text is never re-tokenized, so each
 log-prob belongs to the very token that will be trained.
 
@@ -140,11 +141,24 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 def turn_ends(tokenizer, eos: set[int], budget: int) -> Callable[[list[list[int]]], list[bool]]:
     """turn_over(turns) -> for each turn's sampled ids so far: is that turn over? At EOS, at the token
-    budget, or at the token that completes a stop string (found on the decoded tail of the turn)."""
+    budget, or at the token that completes a stop string, found in the text of the turn's last tokens.
+
+    That text is each token's own text, looked up in a table filled as tokens first appear, not the
+    tokenizer's decode of every row's tail at every step (host work that weighs more on a GPU, where
+    the forward is cheap). The stop strings are ASCII, and in a byte-level BPE an ASCII character
+    reads the same in a token decoded alone as in context, so both find the same stop strings.
+    """
+    text_of: dict[int, str] = {}  # token id -> its text, decoded alone
+
+    def tail_text(ids: list[int]) -> str:
+        for i in ids:
+            if i not in text_of:
+                text_of[i] = tokenizer.decode([i])
+        return "".join(text_of[i] for i in ids)
+
     def turn_over(turns: list[list[int]]) -> list[bool]:
-        tails = tokenizer.batch_decode([ids[-_TAIL:] for ids in turns])
-        return [ids[-1] in eos or len(ids) == budget or any(stop in tail for stop in STOP_STRINGS)
-                for ids, tail in zip(turns, tails)]
+        return [ids[-1] in eos or len(ids) == budget or any(stop in tail_text(ids[-_TAIL:]) for stop in STOP_STRINGS)
+                for ids in turns]
     return turn_over
 
 

@@ -15,7 +15,8 @@ Where this departs from the paper's setup (Jin et al. 2025, arXiv 2503.09516) an
 - The policy is a 4-bit NF4 base with a LoRA adapter (QLoRA), not full fine-tuning on 8 GPUs:
   it has to fit one 24 GB card. The reference policy is the same base with the adapter switched
   off, so the weights are held once. LoRA wants a larger learning rate than full fine-tuning.
-- The batch is smaller (64 questions x 5 responses, not 512 x 5) to fit the budget of ~3 hours.
+- The batch is smaller (32 questions x 5 responses, not 512 x 5) and the run shorter (50 steps, not
+  1,005) to fit the budget of ~3 hours.
 - The search engine is BM25 (tantivy) in-process, not E5 dense retrieval on a second GPU.
 - Each step reseeds the sampler from (seed, step): a resumed run samples what the
   uninterrupted run would have, so no RNG state has to be saved.
@@ -33,6 +34,7 @@ require_python()
 
 import argparse  # noqa: E402 (after the version check: what follows may need 3.11)
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -53,6 +55,7 @@ from eval import (BENCHMARKS, METHODS, TRAIN_SETS, DataError, baseline_prompt, e
                   extract_answer, load_qa, prediction, save_predictions, saved_predictions, summarize,
                   write_atomic)
 import grpo
+import plan
 import ppo
 from grpo import Batch, batch_logprobs, group_advantages
 from ppo import CRITIC, add_critic, param_groups
@@ -117,13 +120,18 @@ class Config:
     lora_targets: str = opt("all-linear", "modules given adapters: every linear projection, as QLoRA does")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward: ~4x less activation memory")
     # --- GRPO (README: the reference recipe)
-    steps: int = opt(60, "optimizer steps of a run: ~60 x 64 x 5 trajectories fit ~3 hours on one GPU")
-    batch_size: int = opt(64, "questions per step (paper: 512 on 8 GPUs)")
+    steps: int = opt(50, "training steps of a run: 50 x 32 x 5 trajectories, ~3 hours on a 24 GB card by "
+                         "arithmetic (README); the reference: 1,005")
+    batch_size: int = opt(32, "questions per step, sized with --steps for ~3 hours (reference: 512 on 8 GPUs)")
     group_size: int = opt(5, "responses per question, G in the advantage (paper: 5); PPO samples 1")
-    mini_batch_size: int = opt(32, "trajectories per optimizer step: 64 x 5 / 32 = 10 steps a batch, the "
+    mini_batch_size: int = opt(16, "trajectories per optimizer step: 32 x 5 / 16 = 10 steps a batch, the "
                                    "reference's 10 (2,560 / 256)")
-    rollout_batch_size: int = opt(16, "questions per rollout call: x group_size x ~2.6k tokens x 36 KB of KV cache (3B)")
-    micro_batch_size: int = opt(8, "trajectories per forward/backward; lower it when memory runs out")
+    rollout_batch_size: int = opt(0, "questions per rollout call, their KV cache held at once; 0 = the largest the "
+                                     "memory plan fits on the GPU (16 on the CPU)")
+    micro_batch_size: int = opt(0, "trajectories per forward/backward; 0 = the largest the memory plan fits (8 on "
+                                   "the CPU)")
+    gpu_memory_gb: float = opt(0.0, "GPU memory to plan for (e.g. 16 or 24 to plan for a smaller card); 0 = the "
+                                    "visible GPU's")
     lr: float = opt(2e-5, "AdamW learning rate: LoRA needs ~10-20x the paper's full fine-tuning 1e-6")
     warmup_ratio: float = opt(0.285, "share of steps with linear warm-up (reference: 0.285), then constant")
     weight_decay: float = opt(0.01, "AdamW weight decay (reference: 0.01, torch's AdamW default)")
@@ -132,6 +140,9 @@ class Config:
     kl_coef: float = opt(0.001, "beta, weight of the low-variance KL to the reference policy")
     entropy_coef: float = opt(0.001, "weight of the entropy bonus in the actor loss (reference: 0.001)")
     mask_observations: bool = opt(True, "retrieved-token masking; --no-mask-observations is the paper's ablation")
+    old_logprobs: str = opt("recompute", "pi_old: 'recompute' (a forward pass after the rollout, as the reference) or "
+                                         "'rollout' (the sampler's own log-probs: one pass fewer; in 4-bit they may "
+                                         "drift from a fresh pass, which bench.py gpu measures)")
     # --- PPO (ppo.py): --algo ppo adds a critic and samples one response per question
     algo: str = opt("grpo", "'grpo' (group baseline) or 'ppo' (critic baseline; one response per question, as in the paper)")
     critic_lr: float = opt(2e-4, "critic LoRA + value head learning rate: 10x the actor's, the paper's ratio (1e-5 vs 1e-6)")
@@ -148,7 +159,7 @@ class Config:
     temperature: float = opt(1.0, "sampling temperature while training (paper: 1.0)")
     top_p: float = opt(0.95, "nucleus sampling while training (reference: 0.95); log-probs use the full softmax")
     # --- bookkeeping
-    eval_every: int = opt(20, "steps between evaluations on the held-out set (0 = only at the end)")
+    eval_every: int = opt(25, "steps between evaluations on the held-out set (0 = only at the end)")
     eval_size: int = opt(200, "held-out questions evaluated, greedy")
     eval_batch_size: int = opt(32, "questions per greedy evaluation rollout")
     save_every: int = opt(10, "steps between checkpoints")
@@ -156,6 +167,8 @@ class Config:
     samples: int = opt(4, "trajectories a step written out in full to samples.jsonl (a seeded choice); 0 = none")
     seed: int = opt(0, "seeds data order and sampling")
     device: str = opt("auto", "'auto' (CUDA if present), 'cuda' or 'cpu'")
+    dtype: str = opt("auto", "compute dtype: 'auto' (bfloat16 on GPUs that have it, float16 with loss scaling on "
+                             "older ones: T4, V100, RTX 20xx; float32 on the CPU), 'bfloat16', 'float16' or 'float32'")
     resume: bool = opt(False, "continue out_dir's run from its last checkpoint (the same settings; --steps may grow)")
     overwrite: bool = opt(False, "start over in an out_dir that holds a run, deleting its checkpoints, metrics, "
                                  "samples and evaluations")
@@ -174,16 +187,18 @@ class Config:
 
     def check(self) -> None:
         """Every setting in its range, before any work is done: the first one that is not is a UsageError."""
-        for name, allowed in {"chat": ("auto", "yes", "no"), "algo": ("grpo", "ppo")}.items():
+        for name, allowed in {"chat": ("auto", "yes", "no"), "algo": ("grpo", "ppo"),
+                              "dtype": ("auto", "bfloat16", "float16", "float32"),
+                              "old_logprobs": ("recompute", "rollout")}.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{flag(name)} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UsageError(f"--device {self.device!r}: choose auto, cpu, cuda or cuda:N")
         rules = [  # (fields, test, what the value must be)
-            (("steps", "batch_size", "mini_batch_size", "micro_batch_size", "rollout_batch_size", "lora_r",
-              "lora_alpha", "max_new_tokens", "max_obs_tokens", "topk", "eval_size", "eval_batch_size",
+            (("steps", "batch_size", "mini_batch_size", "lora_r", "lora_alpha", "max_new_tokens", "max_obs_tokens", "topk", "eval_size", "eval_batch_size",
               "save_every", "group_size"), lambda v: v >= 1, "at least 1"),
-            (("max_turns", "eval_every", "keep_checkpoints", "samples"), lambda v: v >= 0, "at least 0"),
+            (("max_turns", "eval_every", "keep_checkpoints", "samples", "micro_batch_size", "rollout_batch_size",
+              "gpu_memory_gb"), lambda v: v >= 0, "at least 0"),
             (("lr", "critic_lr", "temperature", "max_grad_norm", "clip_eps", "value_clip"), lambda v: v > 0,
              "above 0"),
             (("kl_coef", "entropy_coef", "weight_decay"), lambda v: v >= 0, "at least 0"),
@@ -196,6 +211,9 @@ class Config:
             for name in fields:
                 if not ok(getattr(self, name)):
                     raise UsageError(f"{flag(name)} {getattr(self, name)}: must be {must_be}")
+        if self.old_logprobs == "rollout" and not self.mask_observations:
+            raise UsageError("--old-logprobs rollout needs retrieved-token masking: retrieved tokens were not "
+                             "sampled, so the rollout has no log-probs for them")
         if self.algo == "grpo" and self.group_size < 2:
             raise UsageError(f"--group-size {self.group_size}: GRPO compares at least 2 responses per question "
                              "(or use --algo ppo)")
@@ -232,6 +250,45 @@ def pick_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
+def fit_to_memory(cfg: Config, model, tokenizer, questions: list[dict], device) -> Config:
+    """The rollout chunk and micro-batch left at 0 (auto): the largest that plan.memory_plan fits in the
+    GPU (or --gpu-memory-gb), the plan printed; without a GPU, 16 questions and 8 trajectories."""
+    gb = cfg.gpu_memory_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30
+                               if device.type == "cuda" else 0)
+    if not gb:
+        return dataclasses.replace(cfg, rollout_batch_size=cfg.rollout_batch_size or 16,
+                                   micro_batch_size=cfg.micro_batch_size or 8)
+    chat = uses_chat_template(cfg, tokenizer)
+    prompt = max(len(build_prompt(q["question"], tokenizer, chat)) for q in questions[:1000])
+    budget = plan.memory_plan(
+        plan.Shape.of(model.config.get_text_config()), gb, load_4bit=cfg.load_4bit,
+        dtype_bytes=pick_dtype(cfg, device)[0].itemsize, lora_rank=cfg.lora_r, adapters=2 if cfg.algo == "ppo" else 1,
+        questions=cfg.batch_size, samples_per_question=cfg.samples_per_question, mini_batch_size=cfg.mini_batch_size,
+        prompt_tokens=prompt, response_tokens=(cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens,
+        new_tokens=max(prompt, cfg.max_obs_tokens + 1), rollout_batch_size=cfg.rollout_batch_size,
+        micro_batch_size=cfg.micro_batch_size)
+    tqdm.write(budget.table())
+    if not budget.fits:
+        raise UsageError(f"the plan does not fit {gb:g} GB (peak {budget.peak_gb:.1f} GB): lower --rollout-batch-size "
+                         "or --micro-batch-size, or the length budgets (--max-new-tokens, --max-obs-tokens, "
+                         "--max-turns), or use a card with more memory")
+    return dataclasses.replace(cfg, rollout_batch_size=budget.rollout_batch_size,
+                               micro_batch_size=budget.micro_batch_size)
+
+
+def pick_dtype(cfg: Config, device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype the base model computes in, and why. LoRA weights, their gradients and AdamW's state
+    stay float32 whatever it is (peft keeps adapters in float32 on a 16-bit base)."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype), f"--dtype {cfg.dtype}"
+    if device.type != "cuda":
+        return torch.float32, "the CPU computes in float32"
+    name = torch.cuda.get_device_name(device)
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, f"{name} has bfloat16"
+    return torch.float16, f"{name} has no bfloat16: float16, with loss scaling against underflow"
+
+
 def load_policy(cfg: Config, device: torch.device):
     """The tokenizer and the trainable policy: (4-bit) base + LoRA adapter, on `device`."""
     # bitsandbytes' CPU backend (imported by peft) logs that an optional kernel package is absent
@@ -239,7 +296,7 @@ def load_policy(cfg: Config, device: torch.device):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     path = resolve_model(cfg.model)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype, _ = pick_dtype(cfg, device)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype) if cfg.load_4bit else None
@@ -315,13 +372,15 @@ def pack(trajectories, advantages: torch.Tensor, pad: int, mask_observations: bo
     B = len(trajectories)
     input_ids = torch.full((B, P + R), pad, dtype=torch.long)
     attention_mask = torch.zeros(B, P + R, dtype=torch.long)
-    loss_mask = torch.zeros(B, R)
+    loss_mask, sampled_logp = torch.zeros(B, R), torch.zeros(B, R)
     for i, t in enumerate(trajectories):
         p, r = len(t.prompt_ids), len(t.response_ids)
         input_ids[i, P - p: P + r] = torch.tensor(t.prompt_ids + t.response_ids)
         attention_mask[i, P - p: P + r] = 1
         loss_mask[i, :r] = torch.tensor(t.loss_mask if mask_observations else [1] * r, dtype=torch.float)
-    return Batch(input_ids.to(device), attention_mask.to(device), P, loss_mask.to(device), advantages.to(device))
+        sampled_logp[i, :r] = torch.tensor(t.logprobs)  # what the sampler saw; 0.0 at observations
+    return Batch(input_ids.to(device), attention_mask.to(device), P, loss_mask.to(device), advantages.to(device),
+                 old_logp=sampled_logp.to(device))
 
 
 def cut(items: list, size: int) -> list[list]:
@@ -336,9 +395,11 @@ def clock(device) -> float:
     return time.time()
 
 
-def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, device):
+def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, device, scaler=None):
     """One GRPO (or PPO) step: rollout -> reward -> advantages -> reference log-probs -> update.
 
+    scaler: a torch.amp.GradScaler when the base computes in float16 (losses scaled up so small
+    gradients survive float16, unscaled before clipping), else None.
     Returns (stats for metrics.jsonl, the trajectories (N,) prompt-major, their rewards (N,))."""
     t0 = clock(device)
     # 1. rollout: G responses per question from the current policy (trajectories prompt-major)
@@ -355,14 +416,16 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
     #    (PPO replaces them with its critic's, per token, in step 4)
     advantages = group_advantages(rewards, cfg.samples_per_question)
     # 4. mini-batches of cfg.mini_batch_size trajectories (one optimizer step each), cut into
-    #    micro-batches, with pi_old (the policy that sampled) and pi_ref (adapter off) log-probs
+    #    micro-batches, with pi_old (the policy that sampled: recomputed, or as the rollout recorded it)
+    #    and pi_ref (adapter off) log-probs
     updates, pad = [], pad_id(tokenizer)
     with torch.no_grad():
         for mini in cut(list(zip(trajectories, advantages)), cfg.mini_batch_size):
             updates.append([pack([t for t, _ in chunk], torch.stack([a for _, a in chunk]), pad,
                                  cfg.mask_observations, device) for chunk in cut(mini, cfg.micro_batch_size)])
         for batch in (batch for mini_batch in updates for batch in mini_batch):
-            batch.old_logp = batch_logprobs(model, batch, cfg.temperature)                  # (b, R)
+            if cfg.old_logprobs == "recompute":  # else keep the rollout's: one forward pass fewer
+                batch.old_logp = batch_logprobs(model, batch, cfg.temperature)              # (b, R)
             with model.disable_adapter():
                 batch.ref_logp = batch_logprobs(model, batch, cfg.temperature)
     batches = [batch for mini_batch in updates for batch in mini_batch]
@@ -371,20 +434,27 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
     # 5. update: each mini-batch is one optimizer step; its micro-batches accumulate gradients.
     #    The two algorithms differ only in the loss of a micro-batch (PPO adds its critic's).
     model.train()
-    batch_loss = ppo.batch_loss if cfg.algo == "ppo" else grpo.batch_loss
+    backward = lambda loss: (scaler.scale(loss) if scaler else loss).backward()  # noqa: E731
+    batch_loss = functools.partial(ppo.batch_loss, backward=backward) if cfg.algo == "ppo" else grpo.batch_loss
     sums, grad_norms = {}, []
     for mini_batch in updates:
         n_tokens = max(sum(batch.loss_mask.sum().item() for batch in mini_batch), 1.0)  # the token mean's count
         for batch in mini_batch:
             loss, stats = batch_loss(model, batch, n_tokens, cfg)
-            loss.backward()
+            backward(loss)
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
+        if scaler:
+            scaler.unscale_(optimizer)
         # clip each parameter group on its own (PPO: the actor's, the critic's); log the actor's norm
         norms = [torch.nn.utils.clip_grad_norm_(group["params"], cfg.max_grad_norm).item()
                  for group in optimizer.param_groups]
         grad_norms.append(norms[0])
-        optimizer.step()
+        if scaler:  # a step whose gradients overflowed float16 is skipped, and the scale lowered
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     t_end = clock(device)
     n_trained = sum(batch.loss_mask.sum().item() for batch in batches)
@@ -420,7 +490,7 @@ def evaluate(model, tokenizer, questions, search, cfg: Config, desc: str = "eval
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, keep: int = 0):
+def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, keep: int = 0, scaler=None):
     """Atomic: write checkpoints/step-N.tmp, rename it, then repoint latest.json (os.replace).
     keep: how many of the newest checkpoints stay; 0 = all."""
     root = run / "checkpoints"
@@ -430,8 +500,8 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, keep: int
     if CRITIC in model.peft_config:                  # PPO: the critic adapter went to tmp/critic/; its head
         from safetensors.torch import save_file
         save_file(model.value_head.state_dict(), tmp / "value_head.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step}, tmp / "trainer_state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                **({"scaler": scaler.state_dict()} if scaler else {})}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_atomic(root / "latest.json", json.dumps({"step": step, "path": final.name}))
@@ -452,7 +522,7 @@ def load_adapter(model, folder: Path, adapter: str = "default"):
                          f"missing, {len(result.unexpected_keys)} unexpected): was it trained on another base?")
 
 
-def load_checkpoint(run: Path, model, optimizer, scheduler) -> int:
+def load_checkpoint(run: Path, model, optimizer, scheduler, scaler=None) -> int:
     """Restore adapter, optimizer and scheduler from the last checkpoint; returns its step."""
     latest = run / "checkpoints" / "latest.json"
     if not latest.exists():
@@ -467,6 +537,8 @@ def load_checkpoint(run: Path, model, optimizer, scheduler) -> int:
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     return state["step"]
 
 
@@ -573,11 +645,15 @@ def train(cfg: Config) -> dict:
     search = make_search(cfg)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: same seed, same run
     tokenizer, model = load_policy(cfg, device)
+    cfg = fit_to_memory(cfg, model, tokenizer, train_qs, device)
+    dtype, why = pick_dtype(cfg, device)
+    tqdm.write(f"compute dtype: {str(dtype).removeprefix('torch.')} ({why}); LoRA weights and AdamW in float32")
     trainable = (param_groups(model, cfg.lr, cfg.critic_lr) if cfg.algo == "ppo"  # actor, critic
                  else [p for p in model.parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, schedule_steps)
-    start = load_checkpoint(run, model, optimizer, scheduler) if cfg.resume else 0
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    start = load_checkpoint(run, model, optimizer, scheduler, scaler) if cfg.resume else 0
     for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run forgets rows logged after its checkpoint
         path = run / name
         rows = [json.loads(line) for line in path.open()] if cfg.resume and path.exists() else []
@@ -590,7 +666,8 @@ def train(cfg: Config) -> dict:
         stop.append(True)
         tqdm.write("interrupted: saving after this step (Ctrl-C again to quit without saving)")
     previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-    save = lambda step: save_checkpoint(run, step, model, optimizer, scheduler, cfg.keep_checkpoints)  # noqa: E731
+    save = lambda step: save_checkpoint(run, step, model, optimizer, scheduler, cfg.keep_checkpoints,  # noqa: E731
+                                        scaler)
     result = {}
     try:
         bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps)
@@ -600,12 +677,18 @@ def train(cfg: Config) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             questions = batch_at(train_qs, step, cfg)
             try:
-                stats, trajectories, rewards = train_step(model, tokenizer, optimizer, questions, search, cfg, device)
+                stats, trajectories, rewards = train_step(model, tokenizer, optimizer, questions, search, cfg, device,
+                                                          scaler)
             except SearchUnavailable:  # raised in the rollout, before any update: `step` steps are intact
                 save(step)
                 tqdm.write(f"search failed: saved step {step} to {run}; continue with --resume once it answers")
                 raise
             row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], **stats}
+            if step == start:  # the time plan, from the step just measured
+                left = (cfg.steps - start - 1) * stats["step_s"]
+                tqdm.write(f"time plan: a step takes {stats['step_s'] / 60:.1f} min (rollout {stats['rollout_s']:.0f} s, "
+                           f"log-probs {stats['logprob_s']:.0f} s, update {stats['update_s']:.0f} s): ~{left / 3600:.1f} h "
+                           f"more for the {cfg.steps - start - 1} steps left, evaluations not counted")
             scheduler.step()
             row["peak_mem_gb"] = peak_memory_gb(device)
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
@@ -926,7 +1009,7 @@ def serve_arguments(parser: argparse.ArgumentParser):
 COMMAND_DEFAULTS = {"eval": dict(max_turns=4), "ask": dict(max_turns=4)}
 # The Config fields each command reads, and so shows in its --help (train reads them all)
 _AGENT = ("model", "chat", "load_4bit", "corpus", "index_dir", "search_url", "topk", "max_turns",
-          "max_new_tokens", "max_obs_tokens", "device")
+          "max_new_tokens", "max_obs_tokens", "device", "dtype")
 COMMAND_FIELDS = {"eval": _AGENT + ("out_dir", "eval_batch_size", "seed"), "ask": _AGENT,
                   "serve": ("corpus", "index_dir", "topk"), "export": ("model", "device"), "plot": ()}
 # name -> (function(cfg, args), function adding the command's own arguments or None, description)

@@ -36,6 +36,8 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 import bench
 import grpo
+import plan
+import rollout as rollout_chapter
 import search_api
 import searchr1
 import tiny
@@ -579,6 +581,67 @@ def mixed_plans(tok, n_rows):
     return plans
 
 
+def test_stop_strings_found_by_the_token_table_are_the_ones_decoding_finds(tok):
+    """turn_ends looks each token's text up alone; decoding the whole tail (the slow way) must agree at
+    every step, on random turns salted with the pieces Qwen writes tags in."""
+    pieces = [ids(tok, text) for text in ("</search>", "query</search>\n", " </answer>", "</", "search", ">\n",
+                                          "answer>", "<search>", " 日本</search>", "é</answer>")]
+    g = random.Random(0)
+    budget, eos = 40, {tok.eos_token_id}
+    turn_over = rollout_chapter.turn_ends(tok, eos, budget)
+    for _ in range(200):
+        turn = []
+        while len(turn) < budget:
+            turn += g.choice(pieces) if g.random() < 0.3 else [g.randrange(tok.vocab_size)]
+        for end in range(1, budget + 1):
+            prefix = turn[:end]
+            decoded = tok.decode(prefix[-rollout_chapter._TAIL:])
+            expected = prefix[-1] in eos or end == budget or any(stop in decoded for stop in STOP_STRINGS)
+            assert turn_over([prefix]) == [expected], tok.convert_ids_to_tokens(prefix[-9:])
+
+
+def test_the_memory_plans_kv_cache_is_what_the_rollout_allocates(tok, model, monkeypatch):
+    """plan.py's rollout term counts rows x (prompt + response budget) x kv bytes a token; a rollout whose
+    turns and observations all run to their budgets allocates exactly that in its last turn."""
+    turn = ids(tok, " <search> q </search>")
+    cfg = rollout_cfg(max_turns=2, max_new_tokens=len(turn), max_obs_tokens=20, temperature=0.0, n_samples=2)
+    allocated = []  # bytes of each turn's cache, all layers
+    real_allocate = rollout_chapter._Slab._allocate
+    def allocate(slab, rows, keys, values):
+        real_allocate(slab, rows, keys, values)
+        allocated.append(slab.k_buf.nbytes + slab.v_buf.nbytes)
+    monkeypatch.setattr(rollout_chapter._Slab, "_allocate", allocate)
+    prompts = prompts_for(tok, ["a b c", "d e f"])
+    search = lambda queries: ["Doc 1(Title: T) " + "word " * 50] * len(queries)  # cut at 20 tokens
+    (t, *_) = rollout(model, tok, prompts, search, cfg, logits_hook=forcing([[turn] * 3] * 4))
+    assert t.loss_mask.count(0) == 2 * cfg.max_obs_tokens and t.loss_mask.count(1) == 3 * len(turn)
+    response = (cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens
+    rows, layers = 4, model.config.num_hidden_layers
+    shape = plan.Shape.of(model.config)
+    expected = rows * (max(map(len, prompts)) + response) * shape.kv_bytes_per_token(4)  # float32 on the CPU
+    assert sum(allocated[-layers:]) == expected
+
+
+def test_the_memory_plan_of_qwen25_3b_fits_16_and_24_gb_cards_and_keeps_a_size_it_is_given():
+    qwen = plan.Shape(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                      intermediate_size=11008, vocab_size=151936)
+    assert qwen.kv_bytes_per_token(2) == 2 * 36 * 2 * 128 * 2 == 36_864      # keys and values, bfloat16
+    assert qwen.lora_parameters(16) == 36 * 831_488 == 29_933_568           # r 16 on all 7 projections
+    cfg = searchr1.Config()
+    sizes = dict(load_4bit=True, dtype_bytes=2, lora_rank=16, adapters=1, questions=cfg.batch_size,
+                 samples_per_question=cfg.group_size, mini_batch_size=cfg.mini_batch_size, prompt_tokens=250,
+                 response_tokens=3 * 500 + 2 * 500, new_tokens=501)
+    for gb, most in ((24, 20), (16, 14)):
+        budget = plan.memory_plan(qwen, gb, **sizes)
+        assert budget.fits and budget.peak_gb < most and budget.rollout_batch_size >= 1
+        assert 1.8 < budget.terms["weights"] < 2.1                           # NF4 layers, 16-bit embeddings
+        bigger = plan.memory_plan(qwen, gb, **sizes, rollout_batch_size=budget.rollout_batch_size + 1)
+        assert bigger.terms["rollout"] > budget.terms["rollout"]             # the chosen chunk is the largest
+        assert bigger.peak_gb > 0.8 * gb or bigger.rollout_batch_size > cfg.batch_size
+    assert plan.memory_plan(qwen, 24, **sizes, micro_batch_size=3).micro_batch_size == 3  # a flag wins
+    assert not plan.memory_plan(qwen, 3, **sizes).fits
+
+
 def test_logprobs_equal_a_fresh_full_forward_pass(tok, model):
     prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth", "when did it happen"])
     cfg = rollout_cfg(max_turns=2, max_new_tokens=14, max_obs_tokens=40, temperature=0.8, n_samples=2)
@@ -600,8 +663,8 @@ def test_greedy_batch_equals_each_prompt_rolled_out_alone(tok, model):
     plans = mixed_plans(tok, 4)
     cfg = rollout_cfg(max_turns=2, max_new_tokens=12, max_obs_tokens=30, temperature=0.0, n_samples=1)
     batch = rollout(model, tok, prompts, recording_search([]), cfg, logits_hook=forcing(plans))
-    for p, plan, together in zip(prompts, plans, batch):
-        (alone,) = rollout(model, tok, [p], recording_search([]), cfg, logits_hook=forcing([plan]))
+    for p, row_plan, together in zip(prompts, plans, batch):
+        (alone,) = rollout(model, tok, [p], recording_search([]), cfg, logits_hook=forcing([row_plan]))
         assert alone.response_ids == together.response_ids
         torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(together.logprobs), atol=1e-5, rtol=0)
 
@@ -1008,7 +1071,7 @@ def tiny_config(model_dir, folder, **overrides):
     corpus, qa = write_task(folder)
     settings = dict(model=str(model_dir), train_data=str(qa), eval_data=str(qa), corpus=str(corpus),
                     index_dir=str(folder / "index"), out_dir=str(folder / "run"), device="cpu",
-                    batch_size=2, group_size=4, mini_batch_size=4, micro_batch_size=3, lr=1e-2,
+                    batch_size=2, group_size=4, mini_batch_size=4, micro_batch_size=3, rollout_batch_size=16, lr=1e-2,
                     max_turns=1, max_new_tokens=8, eval_size=2, eval_batch_size=2, steps=2,
                     save_every=1, eval_every=0)
     settings.update(overrides)
@@ -1104,6 +1167,71 @@ def test_a_tokenizer_without_a_pad_token_trains_as_llama3s_does(tiny_model_dir, 
     stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
                                 torch.device("cpu"))
     assert stats["reward"] == 0.5 and math.isfinite(stats["policy_loss"])
+
+
+def test_old_logprobs_from_the_rollout_save_one_pass_and_give_the_recomputed_loss(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """--old-logprobs rollout trains with the log-probs the sampler recorded: one forward pass a
+    micro-batch fewer, and in float32 the same loss as recomputing them (the drift in 4-bit on a GPU
+    is what bench.py gpu measures)."""
+    seen = {}
+    for setting in ("recompute", "rollout"):
+        cfg = tiny_config(tiny_model_dir, tmp_path / setting, load_4bit=False, old_logprobs=setting)
+        torch.manual_seed(0)  # the same LoRA A matrices
+        tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+        steered(monkeypatch, tokenizer)
+        passes = []
+        monkeypatch.setattr(searchr1, "batch_logprobs", lambda *a, **k: passes.append(1) or grpo.batch_logprobs(*a, **k))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+        stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search,
+                                          cfg, torch.device("cpu"))
+        seen[setting] = len(passes), stats
+    (recomputed, a), (recorded, b) = seen["recompute"], seen["rollout"]
+    assert recomputed == 2 * 4 and recorded == 4  # pi_old and pi_ref for each of 4 micro-batches, or pi_ref only
+    for key in ("policy_loss", "kl", "clip_frac", "entropy"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    with pytest.raises(searchr1.UsageError, match="needs retrieved-token masking"):
+        searchr1.Config(old_logprobs="rollout", mask_observations=False).check()
+
+
+def test_the_compute_dtype_follows_the_device_and_a_flag_overrides_it(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert searchr1.pick_dtype(searchr1.Config(), cpu)[0] == torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    dtype, why = searchr1.pick_dtype(searchr1.Config(), cuda)
+    assert dtype == torch.float16 and "Tesla T4 has no bfloat16" in why and "loss scaling" in why
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert searchr1.pick_dtype(searchr1.Config(), cuda)[0] == torch.bfloat16
+    assert searchr1.pick_dtype(searchr1.Config(dtype="float32"), cuda) == (torch.float32, "--dtype float32")
+
+
+def test_a_float16_step_scales_its_loss_and_keeps_the_adapter_and_optimizer_in_float32(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """What the CPU can check of the float16 path (T4, V100): the base computes in float16, LoRA
+    weights stay float32, the GradScaler scales the loss and unscales before clipping, and the step
+    updates the adapter. Only a GPU shows float16 kernels' speed and overflow behaviour at scale."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False, dtype="float16")
+    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    assert model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.float16
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    steered(monkeypatch, tokenizer)
+    optimizer = torch.optim.AdamW(list(lora.values()), lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled = []
+    real_scale = scaler.scale
+    monkeypatch.setattr(scaler, "scale", lambda loss: scaled.append(loss.item()) or real_scale(loss))
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search,
+                                      cfg, torch.device("cpu"), scaler)
+    assert len(scaled) == 4 and all(math.isfinite(x) for x in scaled)  # one loss a micro-batch (3 + 1, 3 + 1)
+    assert scaler.get_scale() == 2.0**10 and math.isfinite(stats["grad_norm"])  # no overflow: no step skipped
+    assert any(not torch.equal(before[n], p) for n, p in lora.items())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
 
 
 def test_the_critic_warms_up_over_its_own_shorter_share_of_the_steps():
@@ -1290,6 +1418,8 @@ def test_bench_gpu_tiny_times_a_real_grpo_step_on_the_forced_script_and_prints_t
     # train_step's rollout sampled exactly the script, in both chunks, and model.generate the very same tokens
     assert r["sampled_tokens"] == r["forced_tokens"] == 2 * 2 * 3 * 12
     assert r["same_tokens"] is True
+    # the sampler's log-probs against a fresh pass: in float32 on the CPU they agree (4-bit on a GPU may not)
+    assert 0 <= r["pi_old_drift"]["max"] < 1e-4 and "pi_old drift" in out
     # each chunk's last turns answer "yes" (the golden answer) then "no": reward 0.5, so the update has a
     # gradient, and it moved the LoRA weights and nothing else
     assert r["reward"] == 0.5
@@ -1319,6 +1449,14 @@ def test_bench_gpu_tiny_times_a_real_grpo_step_on_the_forced_script_and_prints_t
     assert sum(line.startswith("  ") and ": peak memory" in line for line in lines) == 2  # targets, both rows
     # --profile: one more step under torch.profiler, its top ops
     assert "profile of one more train_step" in out and "aten::" in out
+
+
+def test_bench_plan_prints_the_default_runs_plan_for_24_and_16_gb_cards(capsys):
+    plans = bench.main(["plan"])
+    out = capsys.readouterr().out
+    assert [p.gpu_gb for p in plans] == [24, 16] and all(p.fits for p in plans)
+    assert plans[0].peak_gb < 20 and plans[1].peak_gb <= 14
+    assert out.count("memory plan for") == 2 and f"--micro-batch-size {plans[1].micro_batch_size}" in out
 
 
 def test_a_phase_that_runs_out_of_memory_is_noted_with_its_line_and_the_bench_goes_on():
