@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from eval import (BENCHMARKS, METHODS, TRAIN_SETS, DataError, baseline_prompt, em_table, exact_match,
@@ -243,11 +244,64 @@ def resolve_model(name: str) -> str:
 
 
 def pick_device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """--device; under torchrun a process's GPU is the one its LOCAL_RANK names."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA GPU is visible (check nvidia-smi and the torch build)")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if cfg.device == "auto" or cfg.device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(cfg.device)
+
+
+# ----------------------------------------------------------------------------- several GPUs: torchrun
+# `torchrun --nproc_per_node N searchr1.py ...` starts N processes (ranks); a plain `python searchr1.py`
+# is rank 0 of 1 and none of this does anything. Each rank rolls out its share of the step's
+# questions (whole GRPO groups, so advantages need nothing from other ranks); the loss's token count
+# and the LoRA gradients are summed over the ranks, so every rank takes the optimizer step one process
+# would take on all the questions. Rank 0 alone writes files and evaluates.
+
+def world() -> tuple[int, int]:
+    """(rank, number of ranks): torchrun's, or (0, 1)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def init_distributed(cfg: Config) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL between GPUs, gloo on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        device = pick_device(cfg)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def all_sum(value: float) -> float:
+    """The sum of `value` over the ranks (itself with one process)."""
+    if not dist.is_initialized():
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item()
+
+
+def sum_gradients(parameters) -> None:
+    """Each rank's gradient is its share of the mini-batch's token mean: their sum is the whole's.
+    An explicit all-reduce rather than DDP's wrapper: PPO switches peft adapters between forward
+    passes, and the sum reads as the maths it is."""
+    if dist.is_initialized():
+        for p in parameters:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+def rank_share(questions: list[dict], cfg: Config) -> list[dict]:
+    """This rank's questions of the step: of each optimizer step's questions, its 1/N, in order, so
+    that mini-batch k of every rank together is mini-batch k of one process."""
+    rank, size = world()
+    per_update = cfg.mini_batch_size // cfg.samples_per_question  # questions an optimizer step covers
+    share = per_update // size
+    return [q for first in range(0, len(questions), per_update)
+            for q in questions[first + rank * share: first + (rank + 1) * share]]
 
 
 def fit_to_memory(cfg: Config, model, tokenizer, questions: list[dict], device) -> Config:
@@ -267,7 +321,8 @@ def fit_to_memory(cfg: Config, model, tokenizer, questions: list[dict], device) 
         prompt_tokens=prompt, response_tokens=(cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens,
         new_tokens=max(prompt, cfg.max_obs_tokens + 1), rollout_batch_size=cfg.rollout_batch_size,
         micro_batch_size=cfg.micro_batch_size)
-    tqdm.write(budget.table())
+    if world()[0] == 0:
+        tqdm.write(budget.table())
     if not budget.fits:
         raise UsageError(f"the plan does not fit {gb:g} GB (peak {budget.peak_gb:.1f} GB): lower --rollout-batch-size "
                          "or --micro-batch-size, or the length budgets (--max-new-tokens, --max-obs-tokens, "
@@ -438,12 +493,14 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
     batch_loss = functools.partial(ppo.batch_loss, backward=backward) if cfg.algo == "ppo" else grpo.batch_loss
     sums, grad_norms = {}, []
     for mini_batch in updates:
-        n_tokens = max(sum(batch.loss_mask.sum().item() for batch in mini_batch), 1.0)  # the token mean's count
+        # the token mean's count, over every rank's share of the mini-batch
+        n_tokens = max(all_sum(sum(batch.loss_mask.sum().item() for batch in mini_batch)), 1.0)
         for batch in mini_batch:
             loss, stats = batch_loss(model, batch, n_tokens, cfg)
             backward(loss)
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
+        sum_gradients(p for group in optimizer.param_groups for p in group["params"])  # torchrun: over ranks
         if scaler:
             scaler.unscale_(optimizer)
         # clip each parameter group on its own (PPO: the actor's, the critic's); log the actor's norm
@@ -457,14 +514,16 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     t_end = clock(device)
-    n_trained = sum(batch.loss_mask.sum().item() for batch in batches)
+    # means over the step's trajectories and trained tokens (torchrun: every rank's)
+    n, n_trained = all_sum(len(trajectories)), all_sum(sum(batch.loss_mask.sum().item() for batch in batches))
+    per_trajectory = lambda values: all_sum(sum(values)) / n  # noqa: E731
     sampled = sum(sum(t.loss_mask) for t in trajectories)
-    stats = {"reward": rewards.mean().item(),
-             "searches": sum(t.n_searches for t in trajectories) / len(trajectories),
-             "turns": sum(t.n_turns for t in trajectories) / len(trajectories),
-             "answered": sum(t.answered for t in trajectories) / len(trajectories),
-             "response_len": sum(len(t.response_ids) for t in trajectories) / len(trajectories),
-             **{key: value / max(n_trained, 1) for key, value in sums.items()}, **batch_stats,
+    stats = {"reward": per_trajectory(rewards.tolist()),
+             "searches": per_trajectory(t.n_searches for t in trajectories),
+             "turns": per_trajectory(t.n_turns for t in trajectories),
+             "answered": per_trajectory(t.answered for t in trajectories),
+             "response_len": per_trajectory(len(t.response_ids) for t in trajectories),
+             **{key: all_sum(value) / max(n_trained, 1) for key, value in sums.items()}, **batch_stats,
              "grad_norm": sum(grad_norms) / len(grad_norms),
              # seconds by phase: rollout; reward, pi_old and pi_ref log-probs (PPO: and critic values);
              # optimisation
@@ -631,30 +690,42 @@ def train(cfg: Config) -> dict:
     if device.type == "cpu" and cfg.model in MODELS and cfg.device == "auto":
         raise UsageError(f"{cfg.model} needs a CUDA GPU and none is visible; try --model tiny "
                          "(a tiny search agent that trains on a CPU in minutes) or --device cpu")
+    rank, ranks = world()
+    if ranks > 1 and (cfg.mini_batch_size % (cfg.samples_per_question * ranks)
+                      or cfg.batch_size % (cfg.mini_batch_size // cfg.samples_per_question)):
+        raise UsageError(f"with {ranks} processes, --mini-batch-size must be a multiple of {ranks} x the responses "
+                         f"per question ({cfg.samples_per_question}) and divide --batch-size x them, so that each "
+                         f"rank takes whole questions of every optimizer step (e.g. --mini-batch-size "
+                         f"{cfg.samples_per_question * ranks * 2})")
     run = Path(cfg.out_dir or f"runs/{Path(cfg.model).name}")
-    check_run_folder(run, cfg)
-    if cfg.overwrite and not cfg.resume:
-        for name in RUN_FILES:
-            path = run / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
+    check_run_folder(run, cfg)  # every rank reads the folder; rank 0 alone writes to it
     # the warm-up stays where it was set: steps only grow the run (--resume --steps N)
     schedule_steps = json.loads((run / "config.json").read_text())["steps"] if cfg.resume else cfg.steps
-    write_atomic(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     train_qs, eval_qs = load_questions(cfg)
-    search = make_search(cfg)
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: same seed, same run
+    if rank == 0:
+        if cfg.overwrite and not cfg.resume:
+            for name in RUN_FILES:
+                path = run / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
+        write_atomic(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        search = make_search(cfg)  # builds the index the first time, once
+    if ranks > 1:
+        dist.barrier()  # the other ranks open the index rank 0 built (memory-mapped: the pages are shared)
+        search = make_search(cfg) if rank else search
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: same seed, same run (on every rank)
     tokenizer, model = load_policy(cfg, device)
     cfg = fit_to_memory(cfg, model, tokenizer, train_qs, device)
     dtype, why = pick_dtype(cfg, device)
-    tqdm.write(f"compute dtype: {str(dtype).removeprefix('torch.')} ({why}); LoRA weights and AdamW in float32")
+    if rank == 0:
+        tqdm.write(f"compute dtype: {str(dtype).removeprefix('torch.')} ({why}); LoRA weights and AdamW in float32")
     trainable = (param_groups(model, cfg.lr, cfg.critic_lr) if cfg.algo == "ppo"  # actor, critic
                  else [p for p in model.parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, schedule_steps)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     start = load_checkpoint(run, model, optimizer, scheduler, scaler) if cfg.resume else 0
-    for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run forgets rows logged after its checkpoint
+    for name in ("metrics.jsonl", "samples.jsonl") if rank == 0 else ():  # forget rows after the checkpoint
         path = run / name
         rows = [json.loads(line) for line in path.open()] if cfg.resume and path.exists() else []
         write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["step"] <= start))
@@ -670,26 +741,33 @@ def train(cfg: Config) -> dict:
                                         scaler)
     result = {}
     try:
-        bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps)
+        bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps, disable=rank > 0)
+        # torchrun: each rank's share of a mini-batch is 1/N of it
+        rank_cfg = dataclasses.replace(cfg, mini_batch_size=cfg.mini_batch_size // ranks)
         for step in bar:
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # sampling of this step, reproducible
+            torch.manual_seed(cfg.seed * 1_000_003 + step + 100_003 * rank)  # this step's sampling, reproducible
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            questions = batch_at(train_qs, step, cfg)
+            questions = rank_share(batch_at(train_qs, step, cfg), cfg)
             try:
-                stats, trajectories, rewards = train_step(model, tokenizer, optimizer, questions, search, cfg, device,
-                                                          scaler)
+                stats, trajectories, rewards = train_step(model, tokenizer, optimizer, questions, search, rank_cfg,
+                                                          device, scaler)
             except SearchUnavailable:  # raised in the rollout, before any update: `step` steps are intact
-                save(step)
+                if rank == 0:
+                    save(step)
                 tqdm.write(f"search failed: saved step {step} to {run}; continue with --resume once it answers")
                 raise
             row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], **stats}
+            scheduler.step()
+            if rank > 0:  # rank 0 evaluates, logs and saves; the next step's sums wait for it
+                if stop:
+                    break
+                continue
             if step == start:  # the time plan, from the step just measured
                 left = (cfg.steps - start - 1) * stats["step_s"]
                 tqdm.write(f"time plan: a step takes {stats['step_s'] / 60:.1f} min (rollout {stats['rollout_s']:.0f} s, "
                            f"log-probs {stats['logprob_s']:.0f} s, update {stats['update_s']:.0f} s): ~{left / 3600:.1f} h "
                            f"more for the {cfg.steps - start - 1} steps left, evaluations not counted")
-            scheduler.step()
             row["peak_mem_gb"] = peak_memory_gb(device)
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
                 predictions = evaluate(model, tokenizer, eval_qs, search, cfg)
@@ -722,8 +800,15 @@ def run_tiny(cfg: Config, task=None) -> dict:
                                + ("" if cfg.mask_observations else "-no-mask")))
     paths_of = ("model", "train_data", "eval_data", "corpus", "index_dir")  # tiny.prepare sets these
     check_run_folder(run, dataclasses.replace(cfg, out_dir=str(run)), derived=paths_of)  # before the warm-up
-    paths = tiny.prepare(run / "task", task or tiny.TinyTask(seed=cfg.seed), cfg.topk)
+    prepare = lambda: tiny.prepare(run / "task", task or tiny.TinyTask(seed=cfg.seed), cfg.topk)  # noqa: E731
+    rank, ranks = world()
+    paths = prepare() if rank == 0 else None
+    if ranks > 1:  # torchrun: rank 0 made the task and its warm-up; the others find them made
+        dist.barrier()
+        paths = paths or prepare()
     cfg = dataclasses.replace(cfg, out_dir=str(run), **paths)  # --model is now the warm-up folder
+    if rank > 0:
+        return {"after": train(cfg)}
     tokenizer, model = load_policy(cfg, pick_device(cfg))      # LoRA starts at B = 0: the warm-up model
     before = summarize(evaluate(model, tokenizer, load_questions(cfg)[1], make_search(cfg), cfg, desc="eval warm-up"))
     after = train(cfg)
@@ -1057,6 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(**{name: getattr(args, name, default) for name, default in defaults.items()})
     try:
         cfg.check()
+        init_distributed(cfg)
         result = run(cfg, args)
     except NothingToDo as e:
         print(e)
@@ -1064,7 +1150,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError, CorpusError, OSError) as e:  # OSError: missing files, no network
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result is not None:
+    rank = world()[0]
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if result is not None and rank == 0:
         print(json.dumps(result))
     return 0
 

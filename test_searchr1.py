@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import math
+import os
 import random
 import re
 import select
@@ -1156,6 +1157,62 @@ def test_each_mini_batch_of_trajectories_is_one_optimizer_step_cut_into_micro_ba
     assert stats["entropy"] > 0  # logged: the token mean of the bonus's entropy
 
 
+def two_rank_config(model_dir, folder):
+    """4 questions x 4 responses a step, 2 optimizer steps of 8 trajectories: with 2 ranks, 4 each."""
+    return tiny_config(model_dir, folder, load_4bit=False, batch_size=4, mini_batch_size=8, steps=1, samples=2,
+                       eval_size=2)
+
+
+def _two_rank_child(rank: int, model_dir: str, folder: str, port: int):
+    """A torchrun rank in miniature: the environment torchrun sets, then searchr1.train, steered."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    cfg = two_rank_config(model_dir, Path(folder))
+    searchr1.init_distributed(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    searchr1.rollout = functools.partial(rollout, logits_hook=answer_every_other(tokenizer))
+    try:
+        searchr1.train(cfg)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_take_the_optimizer_step_one_process_takes_and_only_rank_0_writes(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """torchrun's data parallelism on the CPU (gloo): each rank rolls out half the questions, the token
+    count and the LoRA gradients are summed over the ranks, and the adapter after the step is the one a
+    single process makes on all the questions."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = torch.multiprocessing.start_processes(_two_rank_child, (str(tiny_model_dir), str(tmp_path / "two"), port),
+                                                    nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two ranks did not finish in 240 s")
+    steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
+    one = two_rank_config(tiny_model_dir, tmp_path / "one")
+    searchr1.train(one)
+    from safetensors.torch import load_file
+    two_run, one_run = tmp_path / "two" / "run", Path(one.out_dir)
+    a = load_file(two_run / "checkpoints" / "step-000001" / "adapter_model.safetensors")
+    b = load_file(one_run / "checkpoints" / "step-000001" / "adapter_model.safetensors")
+    # up to floating point (each rank cuts its half of a mini-batch into its own micro-batches): 1e-3 of
+    # one AdamW step at this lr, where a wrong sum (a mean, one rank's gradient) is a whole step off
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3 * one.lr) for k in a)
+    assert any(not torch.equal(b[k], torch.zeros_like(b[k])) for k in b if "lora_B" in k)  # the step moved it
+    rows = [json.loads(line) for line in (two_run / "metrics.jsonl").open()]  # one row: rank 0 alone wrote
+    (expected,) = [json.loads(line) for line in (one_run / "metrics.jsonl").open()]
+    assert len(rows) == 1 and len((two_run / "samples.jsonl").read_text().splitlines()) == 2
+    for key in ("reward", "policy_loss", "kl", "searches", "response_len"):
+        assert rows[0][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+
+
 def test_a_tokenizer_without_a_pad_token_trains_as_llama3s_does(tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False)
     tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
@@ -1315,7 +1372,7 @@ def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(make_confi
     for name in saved:
         a = load_file(Path(straight.out_dir) / "checkpoints" / "step-000002" / name)
         b = load_file(Path(crashed.out_dir) / "checkpoints" / "step-000002" / name)
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
 
 
 def run_files(run: Path) -> dict[str, bytes]:
