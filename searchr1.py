@@ -671,6 +671,7 @@ def sample_rows(step: int, questions, trajectories, rewards, tokenizer, cfg: Con
     for i in chosen:
         t, q = trajectories[i], questions[i // cfg.samples_per_question]
         segments, start = [], 0  # runs of equal loss_mask: 1 = written by the policy, 0 = inserted
+        # (passages, or the invalid-action message: "search" for both)
         for end in range(1, len(t.loss_mask) + 1):
             if end == len(t.loss_mask) or t.loss_mask[end] != t.loss_mask[start]:
                 by = "policy" if t.loss_mask[start] else "search"
@@ -1064,14 +1065,14 @@ def command_export(cfg: Config, args) -> None:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: the folder is not empty; give a new one")
-    # a 16-bit merge needs 16-bit base weights: load them unquantized (on the CPU unless --device says)
+    # a 16-bit merge needs 16-bit base weights: load them unquantized (on a GPU when --device finds one)
     cfg = dataclasses.replace(tiny_agent(cfg, args.adapter), load_4bit=False, gradient_checkpointing=False)
-    device = pick_device(cfg)
-    tokenizer, model = load_agent(cfg, args.adapter, device)
+    tokenizer, model = load_agent(cfg, args.adapter, pick_device(cfg))
     merged = model.merge_and_unload()                   # W <- W + (alpha / r) B A, the adapter gone
-    merged.to(getattr(torch, args.dtype)).save_pretrained(out.with_name(out.name + ".tmp"))
-    tokenizer.save_pretrained(out.with_name(out.name + ".tmp"))
-    os.replace(out.with_name(out.name + ".tmp"), out)
+    tmp = out.with_name(out.name + ".tmp")              # written whole, then renamed into place
+    merged.to(getattr(torch, args.dtype)).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
     print(f"wrote {out}: {resolve_model(cfg.model)} with {args.adapter} merged, {args.dtype}; "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
 
