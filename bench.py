@@ -713,16 +713,10 @@ def bench_plan(args) -> list:
     prompt = len(build_prompt(" ".join(["word"] * 20), tokenizer, chat=True))
     plans = []
     for gb in args.gpu_memory_gb:
-        budget = plan.memory_plan(
-            plan.Shape.of(QWEN25_3B), gb, load_4bit=True, dtype_bytes=2, lora_rank=cfg.lora_r,
-            adapters=2 if cfg.algo == "ppo" else 1, questions=cfg.batch_size, samples_per_question=cfg.samples_per_question,
-            mini_batch_size=cfg.mini_batch_size, prompt_tokens=prompt,
-            response_tokens=(cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens,
-            new_tokens=max(prompt, cfg.max_obs_tokens + 1))
+        budget = searchr1.memory_plan(cfg, plan.Shape.of(QWEN25_3B), gb, 2, prompt)  # NF4 + bfloat16
         print(f"Qwen2.5-3B, NF4 + LoRA r{cfg.lora_r}, bfloat16, {args.algo.upper()} {cfg.batch_size} x "
-              f"{cfg.samples_per_question}, prompt {prompt} + response budget "
-              f"{(cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens} tokens; "
-              f"chosen: --rollout-batch-size {budget.rollout_batch_size} --micro-batch-size {budget.micro_batch_size}")
+              f"{cfg.samples_per_question}, a {prompt}-token prompt; chosen: --rollout-batch-size "
+              f"{budget.rollout_batch_size} --micro-batch-size {budget.micro_batch_size}")
         print(budget.table())
         plans.append(budget)
     return plans

@@ -120,12 +120,11 @@ def memory_plan(shape: Shape, gpu_gb: float, *, load_4bit: bool, dtype_bytes: in
     def terms(chunk: int, micro: int) -> dict:
         return phase_bytes(shape, load_4bit, dtype_bytes, lora_rank, adapters, chunk * samples_per_question, micro,
                            prompt_tokens, response_tokens, new_tokens)
-    def peak(t: dict) -> float:
-        return t["weights"] + t["adapters"] + max(t["rollout"], t["logprobs"], t["update"])
+    def peak(t: dict, phases=("rollout", "logprobs", "update")) -> float:
+        return t["weights"] + t["adapters"] + max(t[phase] for phase in phases)
     chunk = rollout_batch_size or max([1] + [q for q in range(1, questions + 1)
-                                             if terms(q, 1)["weights"] + terms(q, 1)["adapters"]
-                                             + terms(q, 1)["rollout"] <= budget])
+                                             if peak(terms(q, 1), ["rollout"]) <= budget])
     micro = micro_batch_size or max([1] + [m for m in range(1, mini_batch_size + 1)
-                                           if peak({**terms(1, m), "rollout": 0}) <= budget])
+                                           if peak(terms(1, m), ["logprobs", "update"]) <= budget])
     t = terms(chunk, micro)
     return Plan(gpu_gb, chunk, micro, {k: v / GB for k, v in t.items()}, peak(t) / GB, peak(t) <= budget)

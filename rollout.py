@@ -162,6 +162,12 @@ def turn_ends(tokenizer, eos: set[int], budget: int) -> Callable[[list[list[int]
     return turn_over
 
 
+def going_on(tokenizer, cfg: RolloutConfig, turn: int) -> Callable[[list[int]], bool]:
+    """goes_on(turn's ids): does the trajectory go on after this turn? Not after an answer, and not
+    after the last turn (max_turns turns search; the one after them runs no search)."""
+    return lambda ids: turn < cfg.max_turns and parse_action(tokenizer.decode(ids))[0] != "answer"
+
+
 # ============================================================================ the Search-R1 loop
 @torch.inference_mode()
 def rollout(
@@ -194,8 +200,7 @@ def rollout(
     for turn in range(cfg.max_turns + 1):
         if not unread:
             break
-        def goes_on(ids, turn=turn):  # after this turn: not an answer, and not the last turn
-            return turn < cfg.max_turns and parse_action(tokenizer.decode(ids))[0] != "answer"
+        goes_on = going_on(tokenizer, cfg, turn)
         # the policy writes: every row samples until its turn is over (its cache carried to the next turn)
         sampled = decoder.sample_turn(unread, turn, turn_over, goes_on)  # row -> (ids, log-probs)
         # the environment answers: searches run, invalid actions are told so; answers end a trajectory
@@ -275,9 +280,7 @@ def rollout_plain(model, tokenizer, prompts, search, cfg: RolloutConfig, logits_
             row = new[i].tolist()
             n = next(k for k in range(1, len(row) + 1) if turn_over([row[:k]])[0])  # where its turn is over
             sampled[r] = row[:n], logp[i][:n]
-        def goes_on(ids, turn=turn):
-            return turn < cfg.max_turns and parse_action(tokenizer.decode(ids))[0] != "answer"
-        going = list(act(trajs, sampled, goes_on, search, tokenizer, cfg))
+        going = list(act(trajs, sampled, going_on(tokenizer, cfg, turn), search, tokenizer, cfg))
     model.train(was_training)
     for traj in trajs:
         traj.text = tokenizer.decode(traj.response_ids)

@@ -304,6 +304,17 @@ def rank_share(questions: list[dict], cfg: Config) -> list[dict]:
             for q in questions[first + rank * share: first + (rank + 1) * share]]
 
 
+def memory_plan(cfg: Config, shape: plan.Shape, gb: float, dtype_bytes: int, prompt_tokens: int) -> plan.Plan:
+    """plan.memory_plan for this run's settings: a rollout or micro-batch size given (not 0) is kept."""
+    response = (cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens  # the budget
+    return plan.memory_plan(
+        shape, gb, load_4bit=cfg.load_4bit, dtype_bytes=dtype_bytes, lora_rank=cfg.lora_r,
+        adapters=2 if cfg.algo == "ppo" else 1, questions=cfg.batch_size,
+        samples_per_question=cfg.samples_per_question, mini_batch_size=cfg.mini_batch_size,
+        prompt_tokens=prompt_tokens, response_tokens=response, new_tokens=max(prompt_tokens, cfg.max_obs_tokens + 1),
+        rollout_batch_size=cfg.rollout_batch_size, micro_batch_size=cfg.micro_batch_size)
+
+
 def fit_to_memory(cfg: Config, model, tokenizer, questions: list[dict], device) -> Config:
     """The rollout chunk and micro-batch left at 0 (auto): the largest that plan.memory_plan fits in the
     GPU (or --gpu-memory-gb), the plan printed; without a GPU, 16 questions and 8 trajectories."""
@@ -314,13 +325,8 @@ def fit_to_memory(cfg: Config, model, tokenizer, questions: list[dict], device) 
                                    micro_batch_size=cfg.micro_batch_size or 8)
     chat = uses_chat_template(cfg, tokenizer)
     prompt = max(len(build_prompt(q["question"], tokenizer, chat)) for q in questions[:1000])
-    budget = plan.memory_plan(
-        plan.Shape.of(model.config.get_text_config()), gb, load_4bit=cfg.load_4bit,
-        dtype_bytes=pick_dtype(cfg, device)[0].itemsize, lora_rank=cfg.lora_r, adapters=2 if cfg.algo == "ppo" else 1,
-        questions=cfg.batch_size, samples_per_question=cfg.samples_per_question, mini_batch_size=cfg.mini_batch_size,
-        prompt_tokens=prompt, response_tokens=(cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens,
-        new_tokens=max(prompt, cfg.max_obs_tokens + 1), rollout_batch_size=cfg.rollout_batch_size,
-        micro_batch_size=cfg.micro_batch_size)
+    budget = memory_plan(cfg, plan.Shape.of(model.config.get_text_config()), gb,
+                         pick_dtype(cfg, device)[0].itemsize, prompt)
     if world()[0] == 0:
         tqdm.write(budget.table())
     if not budget.fits:
