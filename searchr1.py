@@ -58,6 +58,7 @@ from eval import (BENCHMARKS, METHODS, TRAIN_SETS, DataError, baseline_prompt, e
 import grpo
 import plan
 import ppo
+import tiny
 from grpo import Batch, batch_logprobs, group_advantages
 from ppo import CRITIC, add_critic, param_groups
 from retriever import BM25Index, CorpusError, format_passages
@@ -78,11 +79,12 @@ MODELS = {
 WIKI18 = ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz")  # hub dataset, file (README: the data)
 # The presets, the only defaults besides Config's and COMMAND_DEFAULTS (shown in `train --help`);
 # flags given on the command line still win.
-# `--model tiny` (tiny.py): a 0.6M-parameter model trained on a CPU in minutes. Turns are ~15 tokens,
-# hence the short budget; one passage per fact, ranked first by its query, hence top-1. 80
-# trajectories a step in mini-batches of 8: 10 optimizer steps a batch, as in the reference. LoRA lr
-# 3e-4: held-out EM reaches 1.0 by step ~5; 1e-3 (right for 2 optimizer steps a batch) drove the KL
-# above 1 and EM fell back to 0.66.
+# `--model tiny` and `--model tiny-multihop` (tiny.py): a 0.6M-parameter model trained on a CPU in
+# minutes. Turns are ~15 tokens, hence the short budget; one passage per fact, ranked first by its
+# query, hence top-1. 80 trajectories a step in mini-batches of 8: 10 optimizer steps a batch, as in
+# the reference. LoRA lr 3e-4: held-out EM reaches 1.0 by step ~5; 1e-3 (right for 2 optimizer steps
+# a batch) drove the KL above 1 and EM fell back to 0.66. The default 2 search turns are the two
+# lookups of a multi-hop question.
 TINY = dict(load_4bit=False, gradient_checkpointing=False, steps=20, batch_size=16, mini_batch_size=8,
             micro_batch_size=40, lr=3e-4, warmup_ratio=0.0, max_new_tokens=32, topk=1, eval_every=5,
             eval_batch_size=200, save_every=20, critic_lr=3e-3)
@@ -92,7 +94,8 @@ TINY_PPO = dict(batch_size=80)
 
 def presets_help() -> str:
     settings = lambda preset: ", ".join(f"{flag(k)} {v}" for k, v in preset.items())  # noqa: E731
-    return f"presets: --model tiny sets {settings(TINY)}; with --algo ppo also {settings(TINY_PPO)}"
+    return (f"presets: --model tiny (or tiny-multihop) sets {settings(TINY)}; "
+            f"with --algo ppo also {settings(TINY_PPO)}")
 
 
 def opt(default, help):
@@ -799,15 +802,16 @@ def train(cfg: Config) -> dict:
 
 
 def run_tiny(cfg: Config, task=None) -> dict:
-    """`--model tiny`: tiny.py's task end to end -- data, index, warm-up, GRPO or PPO through train().
+    """`--model tiny` or `tiny-multihop`: tiny.py's task end to end -- data, index, warm-up, GRPO or
+    PPO through train().
 
-    task: a tiny.TinyTask (size of the task and of its warm-up); None = the default one."""
-    import tiny
-    run = Path(cfg.out_dir or ("runs/tiny" + ("-ppo" if cfg.algo == "ppo" else "")
+    task: a tiny.TinyTask (size of the task and of its warm-up); None = the one --model names."""
+    run = Path(cfg.out_dir or (f"runs/{cfg.model}" + ("-ppo" if cfg.algo == "ppo" else "")
                                + ("" if cfg.mask_observations else "-no-mask")))
     paths_of = ("model", "train_data", "eval_data", "corpus", "index_dir")  # tiny.prepare sets these
     check_run_folder(run, dataclasses.replace(cfg, out_dir=str(run)), derived=paths_of)  # before the warm-up
-    prepare = lambda: tiny.prepare(run / "task", task or tiny.TinyTask(seed=cfg.seed), cfg.topk)  # noqa: E731
+    task = task or dataclasses.replace(tiny.TASKS[cfg.model], seed=cfg.seed)
+    prepare = lambda: tiny.prepare(run / "task", task, cfg.topk)  # noqa: E731
     rank, ranks = world()
     paths = prepare() if rank == 0 else None
     if ranks > 1:  # torchrun: rank 0 made the task and its warm-up; the others find them made
@@ -867,15 +871,16 @@ def plot_runs(runs: list[Path], png: Path) -> Path:
 
 # ----------------------------------------------------------------------------- eval, ask, export
 def tiny_agent(cfg: Config, adapter: str) -> Config:
-    """`--model tiny` outside training: the base is the run's warm-up model, searching the run's own
-    knowledge base, both read from the run's config.json (adapter: a run folder or one of its checkpoints)."""
-    if cfg.model != "tiny":
+    """`--model tiny` (or tiny-multihop) outside training: the base is the run's warm-up model,
+    searching the run's own knowledge base, both read from the run's config.json (adapter: a run
+    folder or one of its checkpoints)."""
+    if cfg.model not in tiny.TASKS:
         return cfg
     folder = Path(adapter)
     run = next((f for f in (folder, folder.parent.parent) if adapter and (f / "config.json").is_file()), None)
     if run is None:
-        raise UsageError("--model tiny: give --adapter with the run folder of `python searchr1.py --model tiny` "
-                         "(e.g. runs/tiny) or one of its checkpoints")
+        raise UsageError(f"--model {cfg.model}: give --adapter with the run folder of `python searchr1.py "
+                         f"--model {cfg.model}` (e.g. runs/{cfg.model}) or one of its checkpoints")
     saved = json.loads((run / "config.json").read_text())
     return dataclasses.replace(cfg, model=saved["model"], corpus=cfg.corpus or saved["corpus"],
                                index_dir=cfg.index_dir or saved["index_dir"])
@@ -1045,7 +1050,7 @@ def config_parser(command: str) -> argparse.ArgumentParser:
 
 
 def command_train(cfg: Config, args) -> dict:
-    return run_tiny(cfg) if cfg.model == "tiny" else train(cfg)
+    return run_tiny(cfg) if cfg.model in tiny.TASKS else train(cfg)
 
 
 def command_serve(cfg: Config, args) -> None:
@@ -1141,7 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
     if add_arguments:
         add_arguments(parser)
     known = parser.parse_known_args(argv)[0]
-    if getattr(known, "model", "") == "tiny":
+    if getattr(known, "model", "") in tiny.TASKS:
         parser.set_defaults(**{**TINY, **(TINY_PPO if getattr(known, "algo", "") == "ppo" else {})})
     args = parser.parse_args(argv)
     # a command's own flags, then its defaults, then Config's for the fields it does not read

@@ -2178,58 +2178,102 @@ def test_training_that_loses_its_search_server_saves_its_last_step_and_resumes_w
 
 # =================== tiny.py: the learning proof, and the tiny agent taken away (ask, eval, export)
 
-SMALL = tiny.TinyTask(entities=40, held_out=15)
+SMALL = {1: tiny.TinyTask(entities=40, held_out=15), 2: tiny.TinyTask(hops=2, entities=40, cities=20, held_out=30)}
 
 
-@pytest.fixture(scope="module")
-def small_task(tmp_path_factory):
-    """Knowledge base, BM25 search and tokenizer of a 40-entity task (no warm-up: it is slow)."""
-    corpus_rows, train, test = tiny.make_knowledge_base(SMALL)
+@pytest.fixture(scope="module", params=[1, 2], ids=["single-hop", "multi-hop"])
+def small_task(request, tmp_path_factory):
+    """Knowledge base, BM25 search and tokenizer of a 40-entity task (no warm-up: it is slow),
+    single-hop and multi-hop."""
+    task = SMALL[request.param]
+    corpus_rows, train, test = tiny.make_knowledge_base(task)
     folder = tmp_path_factory.mktemp("tiny")
     tiny.write_jsonl(folder / "corpus.jsonl", corpus_rows)
     index = BM25Index.open(folder / "corpus.jsonl", index_dir=folder / "index")
     search = lambda queries: [format_passages(hits) for hits in index.search(queries, k=3)]
     tokenizer = tiny.train_tokenizer(tiny.vocabulary_texts(train + test, search))
-    return {"corpus": corpus_rows, "train": train, "test": test, "index": index, "search": search,
+    return {"task": task, "corpus": corpus_rows, "train": train, "test": test, "index": index, "search": search,
             "tokenizer": tokenizer}
 
 
-def test_held_out_facts_are_never_asked_in_training_but_their_entities_are(small_task):
-    facts = lambda rows: {(q["entity"], q["attribute"]) for q in rows}
-    train, test = small_task["train"], small_task["test"]
-    assert len(test) == SMALL.held_out and len(train) + len(test) == 3 * SMALL.entities
-    assert not facts(train) & facts(test)
+def lookup_dict(lookup: list) -> dict:
+    return dict(zip(("subject", "attribute", "value"), lookup))
+
+
+def asked(q: dict) -> tuple[str, str]:
+    """(subject of the question, attribute it asks): ('Bavoki', 'color') or, two hops, ('Bavoki', 'sport')."""
+    return q["lookups"][0][0], q["lookups"][-1][1]
+
+
+def test_held_out_questions_are_never_asked_in_training_but_their_names_are(small_task):
+    task, train, test = small_task["task"], small_task["train"], small_task["test"]
+    hops = lambda rows: [q for q in rows if len(q["lookups"]) == task.hops]  # noqa: E731
+    assert len(test) == task.held_out and len(hops(test)) == len(test)
+    assert len(hops(train)) == (3 * task.entities - task.held_out if task.hops == 1 else 2 * task.entities)
+    assert not {asked(q) for q in train} & {asked(q) for q in test}
     assert {q["question"] for q in train}.isdisjoint(q["question"] for q in test)
-    assert {entity for entity, _ in facts(test)} <= {entity for entity, _ in facts(train)}
+    trained = {lookup[0] for q in train for lookup in q["lookups"]}  # names a training question looks up
+    assert {lookup[0] for q in test for lookup in q["lookups"]} <= trained
+    if task.hops == 2:  # the city fact a held-out question needs: no training question looks it up
+        looked_up = {tuple(lookup) for q in train for lookup in q["lookups"]}
+        assert {tuple(q["lookups"][0]) for q in test} <= looked_up
+        assert not {tuple(q["lookups"][1]) for q in test} & looked_up
 
 
 def test_invented_names_are_never_words_the_task_uses():
     names = {name.lower() for name in tiny.invent_names(random.Random(0), 3000)}
-    values = {value.lower() for values in tiny.VALUES.values() for value in values}
-    assert len(names) == 3000 and not names & (values | set(tiny.VALUES) | {"the", "is", "what"})
+    values = {value.lower() for values in tiny.ALL_VALUES.values() for value in values}
+    assert len(names) == 3000 and not names & (values | set(tiny.ALL_VALUES) | {"the", "is", "what"})
 
 
 def test_the_same_seed_makes_the_same_task_and_another_seed_another():
-    assert tiny.make_knowledge_base(SMALL) == tiny.make_knowledge_base(SMALL)
-    other = tiny.TinyTask(entities=SMALL.entities, held_out=SMALL.held_out, seed=1)
-    assert tiny.make_knowledge_base(other)[1] != tiny.make_knowledge_base(SMALL)[1]
+    for task in SMALL.values():
+        assert tiny.make_knowledge_base(task) == tiny.make_knowledge_base(task)
+        assert tiny.make_knowledge_base(replace(task, seed=1))[1] != tiny.make_knowledge_base(task)[1]
 
 
-def test_every_answer_is_only_in_the_corpus_and_its_query_retrieves_it_first(small_task):
+def test_every_lookup_is_only_in_the_corpus_and_its_query_retrieves_it_first(small_task):
     by_id = {row["id"]: row["contents"] for row in small_task["corpus"]}
     for q in small_task["train"] + small_task["test"]:
-        assert q["golden_answers"][0] not in q["question"]
-        best = small_task["index"].search([tiny.QUERY.format(**q)], k=3)[0][0]
-        assert by_id[best["id"]].endswith(f"The {q['attribute']} of {q['entity']} is {q['golden_answers'][0]}.")
+        assert q["golden_answers"] == [q["lookups"][-1][2]]
+        for lookup in map(lookup_dict, q["lookups"]):
+            assert lookup["value"] not in q["question"]
+            best = small_task["index"].search([tiny.QUERY.format(**lookup)], k=3)[0][0]
+            assert by_id[best["id"]].endswith(tiny.PASSAGE.format(**lookup))
+
+
+def test_every_two_hop_question_needs_exactly_two_passages_and_no_single_one_answers_it():
+    """Bavoki's passage names the city but not the answer; the city's passage has the answer but
+    not Bavoki; the two chained give it, and they are the only passages for their facts."""
+    corpus, train, test = tiny.make_knowledge_base(SMALL[2])
+    facts = {}  # (subject, attribute) -> [value, ...] as the passages state them
+    for row in corpus:
+        subject, attribute, value = re.fullmatch(r'"\w+"\nThe (\w+) of (\w+) is (\w+)\.', row["contents"]).group(2, 1, 3)
+        facts.setdefault((subject, attribute), []).append(value)
+    two_hop = [q for q in train + test if len(q["lookups"]) == 2]
+    assert len(two_hop) == 2 * SMALL[2].entities + SMALL[2].held_out
+    for q in two_hop:
+        entity, attribute = asked(q)
+        [city] = facts[entity, "city"]                         # one passage gives the city ...
+        [answer] = facts[city, attribute]                      # ... one passage of that city the answer
+        assert [answer] == q["golden_answers"] and city not in q["question"]
+        assert not facts.get((entity, attribute))              # the entity has no such fact of its own
+        alone = [row for row in corpus if entity in row["contents"] and answer in row["contents"]]
+        assert alone == []                                     # no passage has both the entity and the answer
+    # and the city matters: an attribute's value differs between cities
+    cities = {q["lookups"][1][0] for q in two_hop}
+    assert 1 < len(cities) <= SMALL[2].cities and not cities & {q["lookups"][0][0] for q in two_hop}
+    for attribute in tiny.CITY_VALUES:
+        assert len({facts[city, attribute][0] for city in cities}) > 1
 
 
 def test_tokenizer_round_trips_prompt_tags_and_passages_exactly(small_task, tmp_path):
     from transformers import AutoTokenizer
     tokenizer = small_task["tokenizer"]
     q = small_task["test"][0]
-    texts = [tokenizer.decode(build_prompt(q["question"], tokenizer, False)), INVALID_ACTION,
-             tiny.SEARCH.format(**q), observation(small_task["search"]([tiny.QUERY.format(**q)])[0]),
-             tiny.READ.format(**q, value=q["golden_answers"][0])]
+    texts = [tokenizer.decode(build_prompt(q["question"], tokenizer, False)), INVALID_ACTION]
+    for text, query in tiny.script(q, len(q["lookups"])):
+        texts += [text] + ([observation(small_task["search"]([query])[0])] if query else [])
     tokenizer.save_pretrained(tmp_path)
     for t in (tokenizer, AutoTokenizer.from_pretrained(tmp_path)):
         for text in texts:
@@ -2238,32 +2282,46 @@ def test_tokenizer_round_trips_prompt_tags_and_passages_exactly(small_task, tmp_
             ids = t.encode(tag, add_special_tokens=False)
             assert len(ids) == 1 and t.decode(ids, skip_special_tokens=True) == tag
     # a name is one token, so copying it into a query is one step
-    assert len(tokenizer.encode(" " + q["entity"], add_special_tokens=False)) == 1
+    for lookup in q["lookups"]:
+        assert len(tokenizer.encode(" " + lookup[0], add_special_tokens=False)) == 1
 
 
 def test_decoded_turns_are_what_the_rollout_and_the_reward_look_for(small_task):
     tokenizer = small_task["tokenizer"]
     q = small_task["train"][0]
-    decode = lambda text: tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
-    search_turn, answer_turn = decode(tiny.SEARCH.format(**q)), decode(tiny.READ.format(**q, value="x"))
-    assert search_turn.endswith(STOP_STRINGS[0]) and answer_turn.endswith(STOP_STRINGS[1])
-    assert parse_action(search_turn) == ("search", tiny.QUERY.format(**q))
-    answer_turn = decode(tiny.READ.format(**q, value=q["golden_answers"][0]))
-    assert exact_match(extract_answer(answer_turn), q["golden_answers"]) == 1.0
+    decode = lambda text: tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    *searches, (answer_turn, _) = tiny.script(q, len(q["lookups"]))
+    for search_turn, query in searches:
+        assert decode(search_turn).endswith(STOP_STRINGS[0]) and parse_action(decode(search_turn)) == ("search", query)
+    assert decode(answer_turn).endswith(STOP_STRINGS[1])
+    assert exact_match(extract_answer(decode(answer_turn)), q["golden_answers"]) == 1.0
 
 
 def test_warm_up_trajectory_is_laid_out_as_the_rollout_lays_it_out(small_task):
-    tokenizer, search, q = small_task["tokenizer"], small_task["search"], small_task["train"][0]
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    """Every lookup: the search turn trained on, its observation not; then the reading answer. Or
+    one lookup short, and a guess of the last lookup's attribute."""
+    tokenizer, search = small_task["tokenizer"], small_task["search"]
+    q = next(q for q in small_task["train"] if len(q["lookups"]) == small_task["task"].hops)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     prompt, response, loss_mask = tiny.warmup_example(q, tokenizer, search, random.Random(0), 1.0)
-    first, last = encode(tiny.SEARCH.format(**q)), encode(tiny.READ.format(**q, value=q["golden_answers"][0]))
-    info = encode(observation(search([tiny.QUERY.format(**q)])[0]))
     assert prompt == build_prompt(q["question"], tokenizer, False)
-    assert response == first + info + last
-    assert loss_mask == [1] * len(first) + [0] * len(info) + [1] * len(last)  # observation: not trained
+    expected, expected_mask, read = [], [], ""
+    for lookup in map(lookup_dict, q["lookups"]):
+        written = encode(tiny.SEARCH.format(read=read, **lookup))
+        info = encode(observation(search([tiny.QUERY.format(**lookup)])[0]))
+        expected += written + info
+        expected_mask += [1] * len(written) + [0] * len(info)   # observation: not trained
+        read = tiny.SAID.format(**lookup)
+    last = encode(tiny.READ.format(read=read, value=q["golden_answers"][0]))
+    assert response == expected + last and loss_mask == expected_mask + [1] * len(last)
     _, response, loss_mask = tiny.warmup_example(q, tokenizer, search, random.Random(0), 0.0)
-    action, guess = parse_action(tokenizer.decode(response))
-    assert action == "answer" and guess in tiny.VALUES[q["attribute"]] and all(loss_mask)
+    text = tokenizer.decode(response)
+    assert text.count("<search>") == small_task["task"].hops - 1 and text.count("I know the") == 1
+    action, guess = parse_action(text.split("</information>")[-1])  # the last turn
+    assert action == "answer" and guess in tiny.ALL_VALUES[q["lookups"][-1][1]]
+    observations = [encode(observation(search([tiny.QUERY.format(**lookup_dict(lookup))])[0]))
+                    for lookup in q["lookups"][:-1]]
+    assert [t for t, m in zip(response, loss_mask) if not m] == sum(observations, [])
 
 
 def test_shared_prefix_warm_up_loss_equals_the_loss_over_full_sequences(small_task):
@@ -2285,13 +2343,15 @@ def test_shared_prefix_warm_up_loss_equals_the_loss_over_full_sequences(small_ta
 
 def test_model_tiny_with_algo_ppo_samples_as_many_trajectories_a_step_as_grpo(monkeypatch):
     """`--model tiny` picks the TINY defaults; with --algo ppo (n = 1) TINY_PPO's batch gives the
-    same trajectories a step as GRPO's questions x group; a flag on the command line still wins."""
+    same trajectories a step as GRPO's questions x group; a flag on the command line still wins;
+    --model tiny-multihop picks the same defaults."""
     seen = []
     monkeypatch.setitem(searchr1.COMMANDS, "train", (lambda cfg, args: seen.append(cfg), None, "train"))
     for argv in (["--model", "tiny"], ["--model", "tiny", "--algo", "ppo"],
-                 ["--model", "tiny", "--algo", "ppo", "--batch-size", "24"]):
+                 ["--model", "tiny", "--algo", "ppo", "--batch-size", "24"], ["--model", "tiny-multihop"]):
         assert searchr1.main(argv) == 0
-    grpo_cfg, ppo_cfg, ppo_24 = seen
+    grpo_cfg, ppo_cfg, ppo_24, multihop = seen
+    assert multihop == replace(grpo_cfg, model="tiny-multihop")
     assert grpo_cfg.batch_size * grpo_cfg.samples_per_question == ppo_cfg.batch_size * ppo_cfg.samples_per_question
     assert grpo_cfg.batch_size * grpo_cfg.samples_per_question == 80
     assert ppo_cfg.samples_per_question == 1 and ppo_cfg.lr == grpo_cfg.lr and ppo_cfg.steps == grpo_cfg.steps
@@ -2347,6 +2407,39 @@ def test_rl_through_train_teaches_the_warmed_up_model_to_search(algo, tiny_runs)
     assert before["searches"] < 0.2            # the warm-up guesses ...
     assert after["searches"] > 0.8             # ... RL makes it search ...
     assert after["em"] >= before["em"] + 0.3   # ... and answer held-out questions right
+
+
+MULTIHOP_LEARNING_TASK = replace(tiny.TASKS["tiny-multihop"], entities=100, cities=50, held_out=50,
+                                 warmup_steps=500, short_steps=200)
+
+
+@pytest.fixture(scope="module")
+def multihop_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The multi-hop task on a shorter schedule, GRPO: (run folder, run_tiny's result)."""
+    folder = tmp_path_factory.mktemp("multihop")
+    cfg = replace(searchr1.Config(), **{**searchr1.TINY, "model": "tiny-multihop", "out_dir": str(folder),
+                                        "steps": 6, "eval_every": 0, "save_every": 6})
+    return folder, searchr1.run_tiny(cfg, MULTIHOP_LEARNING_TASK)
+
+
+def test_rl_teaches_the_warmed_up_model_to_search_again_with_what_it_read(multihop_run):
+    """The multi-hop claim on a shorter schedule: the warm-up searches once and guesses; GRPO makes
+    it search a second time, for the city the first passage named, and held-out EM follows."""
+    before, after = multihop_run[1]["before"], multihop_run[1]["after"]
+    assert before["searches"] < 1.2 and before["em"] < 0.3   # one search, then a guess
+    assert after["searches"] > 1.6                           # the second search ...
+    assert after["em"] >= before["em"] + 0.4                 # ... answers held-out questions
+
+
+def test_the_multihop_agent_asked_a_held_out_question_looks_up_the_city_then_its_fact(multihop_run, capsys):
+    run, _ = multihop_run
+    eval_data = Path(json.loads((run / "config.json").read_text())["eval_data"])
+    q = json.loads(eval_data.read_text().splitlines()[0])  # a held-out question, with the lookups it needs
+    (entity, _, city), (_, attribute, answer) = q["lookups"]
+    assert searchr1.main(["ask", "--model", "tiny-multihop", "--adapter", str(run), q["question"]]) == 0
+    shown = capsys.readouterr().out
+    assert shown.index(f"<search> {entity} city </search>") < shown.index(f"<search> {city} {attribute} </search>")
+    assert f"answer: {answer}" in shown
 
 
 def held_out_fact(run: Path) -> tuple[str, str]:

@@ -22,6 +22,20 @@ way to answer, small enough that all of Search-R1 runs on two CPU cores in about
     PPO             the same with --algo ppo: one response to each of 80 questions a step (the
                     same 80 trajectories as GRPO's 16 x 5), a critic as the baseline
 
+The multi-hop task (`python searchr1.py --model tiny-multihop`, TASKS below) asks questions that
+need two lookups chained, the second made with what the first returned:
+
+    knowledge base  the entities live in 100 invented cities ("The city of Bavoki is Zorlan.") and
+                    the cities have facts (sport, tree, bird: "The sport of Zorlan is polo."). "What
+                    is the sport of the city of Bavoki?" needs Bavoki's passage, then Zorlan's
+    held out        one fact of each city: no training question looks it up, directly or through an
+                    entity, so neither the weights nor one search can answer the questions that
+                    chain to it (tested); the city's name is trained through its other facts
+    warm-up         teaches every single lookup (each entity's city, each city's other facts) and
+                    shows the two-hop questions mostly as one search and a guess, a fifth of them
+                    (half in the first phase) as the whole chain: greedy, it searches once and guesses
+    RL              must teach the second search: --max-turns 2, the reference's, allows it
+
 A guess is right one time in ten; an answer read from the retrieved passage nearly always. Within a
 group of responses to one question the searching ones score higher, so the group advantage
 (r - mean) / std moves probability onto searching -- that decision is what GRPO has to learn.
@@ -55,19 +69,30 @@ from eval import write_atomic
 from retriever import BM25Index, format_passages
 from rollout import INVALID_ACTION, PROMPT_TEMPLATE, build_prompt, observation
 
-# Every fact is (entity, attribute, value); each attribute has its own 10 values
+# Every fact is (subject, attribute, value): an entity's, each attribute with its own 10 values
 VALUES = {
     "color": ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "pink", "gray"],
     "city": ["Paris", "Lima", "Oslo", "Cairo", "Delhi", "Tokyo", "Rome", "Quito", "Dakar", "Hanoi"],
     "food": ["rice", "bread", "fish", "apples", "beans", "honey", "cheese", "nuts", "corn", "soup"],
 }
-QUESTION = "What is the {attribute} of {entity}?"
-PASSAGE = "The {attribute} of {entity} is {value}."  # under the title "{entity}"
-# What the policy writes in the warm-up's two behaviours (observations come between SEARCH and READ)
-QUERY = "{entity} {attribute}"
-SEARCH = "<think> I need the {attribute} of {entity}. </think> <search> " + QUERY + " </search>"
-READ = "<think> The {attribute} of {entity} is {value}. </think> <answer> {value} </answer>"
-GUESS = "<think> I know the {attribute} of {entity}. </think> <answer> {value} </answer>"
+# The multi-hop task (hops = 2): entities live in invented cities, which have facts of their own (10
+# values each); a question about an entity's city needs two lookups, the city, then its fact
+CITY_VALUES = {
+    "sport": ["chess", "golf", "tennis", "rugby", "hockey", "polo", "judo", "boxing", "rowing", "skiing"],
+    "tree": ["oak", "pine", "birch", "maple", "cedar", "palm", "elm", "willow", "ash", "fir"],
+    "bird": ["owl", "crow", "swan", "hawk", "duck", "eagle", "heron", "robin", "parrot", "finch"],
+}
+ALL_VALUES = VALUES | CITY_VALUES
+QUESTION = "What is the {attribute} of {subject}?"
+TWO_HOP_QUESTION = "What is the {attribute} of the city of {subject}?"
+PASSAGE = "The {attribute} of {subject} is {value}."  # under the title "{subject}"
+# What the policy writes in the warm-up's scripts: a search turn for each lookup it makes (its
+# observation follows), then an answer turn that reads the last passage or guesses the next lookup
+QUERY = "{subject} {attribute}"
+SEARCH = "<think> {read}I need the {attribute} of {subject}. </think> <search> " + QUERY + " </search>"
+READ = "<think> {read}</think> <answer> {value} </answer>"
+GUESS = "<think> {read}I know the {attribute} of {subject}. </think> <answer> {value} </answer>"
+SAID = "The {attribute} of {subject} is {value}. "  # {read}: what the last passage said, or nothing
 TAGS = ["<think>", "</think>", "<search>", "</search>", "<information>", "</information>",
         "<answer>", "</answer>"]
 EOS = "<|endoftext|>"
@@ -76,12 +101,14 @@ EOS = "<|endoftext|>"
 @dataclass
 class TinyTask:
     """Size of the task and of its warm-up; the defaults make `--model tiny` (a few minutes)."""
+    hops: int = 1                  # lookups a question needs: 1, or 2 (`--model tiny-multihop`)
     entities: int = 400            # x 3 attributes = 1,200 facts, one passage each
-    held_out: int = 200            # facts asked only in evaluation (at most one per entity)
+    cities: int = 100              # hops 2: invented cities (x 3 facts) the entities live in
+    held_out: int = 200            # questions asked only in evaluation (at most one per entity)
     warmup_steps: int = 600        # supervised steps of warmup_batch trajectories, in all
     short_steps: int = 250         # the first of them: question-only prompts, mostly searching
-    skill_share: float = 0.7       # searching trajectories in those first steps: learn the skill
-    search_share: float = 0.3      # searching trajectories afterwards: greedy decoding guesses
+    skill_share: float = 0.7       # trajectories making every lookup in those first steps: learn the skill
+    search_share: float = 0.3      # ... afterwards: greedy decoding guesses (the last lookup)
     warmup_batch: int = 32
     warmup_lr: float = 1e-3        # AdamW; 3e-3 stalls at loss ~1 (measured)
     hidden: int = 128              # Qwen2 width; 4 heads, 2 KV heads, MLP 3 x hidden
@@ -89,12 +116,20 @@ class TinyTask:
     seed: int = 0
 
 
+# The tasks `--model` names: one lookup a question, or two chained ones. Multi-hop (measured, README):
+# with 10 cities their facts were memorised instead of read; with 10% of the two-hop warm-up chaining
+# (30% first) sampling found the second search only at step 19, with 5% never
+TASKS = {"tiny": TinyTask(),
+         "tiny-multihop": TinyTask(hops=2, entities=200, held_out=200, warmup_steps=800, short_steps=300,
+                                   skill_share=0.5, search_share=0.2)}
+
+
 # ----------------------------------------------------------------------------- knowledge base
 def invent_names(rng: random.Random, n: int) -> list[str]:
     """n distinct made-up words of two or three syllables ('Bavoki', 'Tuzel', ...), none of them a
     word the task uses otherwise: BM25 would confuse an entity named 'Rome' with the city."""
-    taken = " ".join([PROMPT_TEMPLATE, INVALID_ACTION, QUESTION, PASSAGE, SEARCH, READ, GUESS,
-                      *(value for values in VALUES.values() for value in values)])
+    taken = " ".join([PROMPT_TEMPLATE, INVALID_ACTION, QUESTION, TWO_HOP_QUESTION, PASSAGE, SEARCH, READ,
+                      GUESS, *ALL_VALUES, *(value for values in ALL_VALUES.values() for value in values)])
     taken = set(re.findall(r"[a-z]+", taken.lower()))
     onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ["", "", "", "l", "n", "r", "s"]
     names = set()
@@ -109,24 +144,63 @@ def invent_names(rng: random.Random, n: int) -> list[str]:
 def make_knowledge_base(task: TinyTask) -> tuple[list[dict], list[dict], list[dict]]:
     """(corpus passages, training questions, held-out questions), all from task.seed.
 
-    Each entity has one value per attribute; each fact is one passage titled by the entity and
-    one question. `held_out` facts, on distinct entities, are the evaluation questions.
+    Each entity has one value per attribute (VALUES); each fact is one passage titled by its subject.
+    A question's "lookups" are the facts that answer it, in the order they must be looked up.
+    hops 1: one question per fact; one fact each of the first `held_out` entities is the evaluation.
+    hops 2: each entity's city is one of `cities` invented ones, which have facts too (CITY_VALUES),
+    and each entity x city attribute is a question of two lookups ("What is the sport of the city of Bavoki?": Bavoki's city, then that
+    city's sport). One fact of each city is held out: no training question looks it up, so no
+    weights can hold it and one search cannot answer. The questions that chain to it (one per
+    entity) are the evaluation, for the first `held_out` entities. Training asks the other two-hop
+    questions and, for the warm-up, the single lookups (each entity's city, each city's other facts).
     """
     if task.held_out > task.entities:
         raise ValueError(f"held_out ({task.held_out}) must not exceed entities ({task.entities}): "
-                         "at most one fact per entity is held out")
+                         "at most one question per entity is held out")
+    if task.hops not in (1, 2):
+        raise ValueError(f"hops ({task.hops}) must be 1 or 2")
     rng = random.Random(task.seed)
-    entities = invent_names(rng, task.entities)
-    rng.shuffle(entities)
-    held_out = {(entity, rng.choice(list(VALUES))) for entity in entities[: task.held_out]}
-    corpus, train, test = [], [], []
+    cities = task.cities if task.hops == 2 else 0
+    names = invent_names(rng, task.entities + cities)
+    rng.shuffle(names)
+    entities, cities = names[: task.entities], names[task.entities:]
+    if task.hops == 1:  # (entity, attribute) facts held out
+        held_out = {(entity, rng.choice(list(VALUES))) for entity in entities[: task.held_out]}
+    else:               # (city, attribute) facts held out
+        held_out = {(city, rng.choice(list(CITY_VALUES))) for city in cities}
+    facts = {}  # (subject, attribute) -> value
+    subjects = [(entity, VALUES | ({"city": cities} if cities else {})) for entity in entities]
+    subjects += [(city, CITY_VALUES) for city in cities]
+    corpus = []
+    for subject, attributes in subjects:
+        for attribute, values in attributes.items():
+            fact = {"subject": subject, "attribute": attribute, "value": rng.choice(values)}
+            facts[subject, attribute] = fact["value"]
+            corpus.append({"id": str(len(corpus)), "contents": f'"{subject}"\n' + PASSAGE.format(**fact)})
+
+    def question(template, subject, attribute, *lookups):
+        return {"id": f"{attribute}-{len(lookups)}-{subject}", "golden_answers": [lookups[-1][2]],
+                "question": template.format(subject=subject, attribute=attribute), "lookups": list(lookups)}
+
+    train, test = [], []
     for entity in entities:
-        for attribute, values in VALUES.items():
-            fact = {"entity": entity, "attribute": attribute, "value": rng.choice(values)}
-            corpus.append({"id": str(len(corpus)), "contents": f'"{entity}"\n' + PASSAGE.format(**fact)})
-            split = test if (entity, attribute) in held_out else train
-            split.append({"id": f"{attribute}-{entity}", "question": QUESTION.format(**fact),
-                          "golden_answers": [fact["value"]], "entity": entity, "attribute": attribute})
+        if task.hops == 1:
+            for attribute in VALUES:
+                q = question(QUESTION, entity, attribute, [entity, attribute, facts[entity, attribute]])
+                (test if (entity, attribute) in held_out else train).append(q)
+            continue
+        city = facts[entity, "city"]
+        for attribute in CITY_VALUES:
+            q = question(TWO_HOP_QUESTION, entity, attribute,
+                         [entity, "city", city], [city, attribute, facts[city, attribute]])
+            if (city, attribute) not in held_out:
+                train.append(q)
+            elif len(test) < task.held_out:  # one such question per entity
+                test.append(q)
+    if task.hops == 2:  # the single lookups, taught in the warm-up
+        train += [question(QUESTION, subject, attribute, [subject, attribute, value])
+                  for (subject, attribute), value in facts.items()
+                  if (attribute == "city" or attribute in CITY_VALUES) and (subject, attribute) not in held_out]
     rng.shuffle(train)
     return corpus, train, test
 
@@ -140,10 +214,10 @@ def vocabulary_texts(questions: list[dict], search) -> list[str]:
     """Every text the model is shown or taught to write: prompts, scripted turns, observations."""
     texts = [INVALID_ACTION]
     for q in questions:
-        value = q["golden_answers"][0]
-        texts += [PROMPT_TEMPLATE.format(question=q["question"]), SEARCH.format(**q),
-                  observation(search([QUERY.format(**q)])[0]), READ.format(**q, value=value),
-                  GUESS.format(**q, value=value)]
+        texts.append(PROMPT_TEMPLATE.format(question=q["question"]))
+        for text, query in script(q, len(q["lookups"])):
+            texts += [text] + ([observation(search([query])[0])] if query else [])
+        texts += [script(q, searches, guess=q["golden_answers"][0])[-1][0] for searches in range(len(q["lookups"]))]
     return texts
 
 
@@ -187,22 +261,47 @@ def tiny_qwen2(tokenizer, task: TinyTask):
 
 
 # ----------------------------------------------------------------------------- warm-up
-def warmup_example(q: dict, tokenizer, search, rng: random.Random, search_share: float,
+def script(q: dict, searches: int, guess: str = "") -> list[tuple[str, str | None]]:
+    """The turns the policy writes for question q when it makes the first `searches` of its lookups:
+    [(turn text, the query it runs or None)]. A search turn per lookup made (each after the first
+    repeats what the last passage said), then the answer turn: when every lookup was made, it reads
+    the answer out of the last passage; otherwise it says it knows the next lookup and answers `guess`.
+
+        search 1    <think> I need the city of Bavoki. </think> <search> Bavoki city </search>
+        search 2    <think> The city of Bavoki is Rome. I need the sport of Rome. </think> <search> Rome sport </search>
+        read        <think> The sport of Rome is polo. </think> <answer> polo </answer>
+        or guess    <think> The city of Bavoki is Rome. I know the sport of Rome. </think> <answer> golf </answer>
+    """
+    lookups = [dict(zip(("subject", "attribute", "value"), lookup)) for lookup in q["lookups"]]
+    turns, read = [], ""
+    for lookup in lookups[:searches]:
+        turns.append((SEARCH.format(read=read, **lookup), QUERY.format(**lookup)))
+        read = SAID.format(**lookup)
+    if searches == len(lookups):
+        return turns + [(READ.format(read=read, value=lookups[-1]["value"]), None)]
+    return turns + [(GUESS.format(read=read, **(lookups[searches] | {"value": guess})), None)]
+
+
+def warmup_example(q: dict, tokenizer, search, rng: random.Random, share: float,
                    full_prompt: bool = True) -> tuple[list, list, list]:
     """One scripted trajectory: (prompt_ids, response_ids, loss_mask), laid out as rollout() lays
-    out a sampled one. With probability search_share it searches the right query and reads the
-    answer out of the passage; otherwise it guesses a value of the right attribute at random.
+    out a sampled one. With probability `share` it makes every lookup q needs (the real queries, run
+    against the index) and reads the answer out of the last passage; otherwise it stops one lookup
+    short and guesses a value of that lookup's attribute at random.
     full_prompt False: the prompt is the question alone, without Search-R1's instructions.
     """
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
-    if rng.random() < search_share:
-        first = encode(SEARCH.format(**q))
-        info = encode(observation(search([QUERY.format(**q)])[0]))
-        last = encode(READ.format(**q, value=q["golden_answers"][0]))
-        response, loss_mask = first + info + last, [1] * len(first) + [0] * len(info) + [1] * len(last)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    lookups = len(q["lookups"])
+    if rng.random() < share:
+        turns = script(q, lookups)
     else:
-        response = encode(GUESS.format(**q, value=rng.choice(VALUES[q["attribute"]])))
-        loss_mask = [1] * len(response)
+        turns = script(q, lookups - 1, guess=rng.choice(ALL_VALUES[q["lookups"][-1][1]]))
+    response, loss_mask = [], []
+    for text, query in turns:
+        written = encode(text)
+        info = encode(observation(search([query])[0])) if query else []
+        response += written + info
+        loss_mask += [1] * len(written) + [0] * len(info)  # 1 = written by the policy; observations not
     prompt = (build_prompt(q["question"], tokenizer, False) if full_prompt
               else tokenizer(q["question"] + "\n")["input_ids"])
     return prompt, response, loss_mask
@@ -243,7 +342,7 @@ def warm_up(model, tokenizer, questions: list[dict], search, task: TinyTask) -> 
 
     Two phases, as pretraining runs often start on short sequences:
     1. short_steps steps with the question alone as the prompt and skill_share (70%) of the
-       trajectories searching. What is hard to learn is copying: the name from the question into
+       trajectories making every lookup. What is hard to learn is copying: the name from the question into
        the query, the value from the passage into the answer. Behind a prompt of ~8 tokens instead
        of Search-R1's ~120, attention finds the token to copy far sooner (measured, 2 layers: the loss
        leaves its plateau near 0.7 after ~175 steps; with the full prompt from the start it is
@@ -251,6 +350,9 @@ def warm_up(model, tokenizer, questions: list[dict], search, task: TinyTask) -> 
     2. The rest with Search-R1's prompt, as the rollout will use it, and search_share (30%) searching:
        the model now searches well when it searches, but decides to 7 times in 10 to guess, so
        greedy decoding guesses and its EM is chance. That decision is what GRPO has to change.
+    In the multi-hop task the shares are those of two-hop questions that make both lookups (the
+    others search once and guess); the single lookups they are made of are always searched: the
+    skill of each search is taught, the decision to search a second time mostly is not.
     """
     rng = random.Random(task.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=task.warmup_lr, weight_decay=0.0)
@@ -259,7 +361,8 @@ def warm_up(model, tokenizer, questions: list[dict], search, task: TinyTask) -> 
     for step in (bar := tqdm(range(task.warmup_steps), desc="warm-up")):
         learning_skills = step < task.short_steps
         share = task.skill_share if learning_skills else task.search_share
-        batch = [warmup_example(q, tokenizer, search, rng, share, full_prompt=not learning_skills)
+        batch = [warmup_example(q, tokenizer, search, rng, share if len(q["lookups"]) == task.hops else 1.0,
+                                full_prompt=not learning_skills)
                  for q in rng.sample(questions, task.warmup_batch)]
         loss = warmup_loss(model, batch, tokenizer.pad_token_id)
         loss.backward()
@@ -291,7 +394,7 @@ def prepare(run: Path, task: TinyTask = TinyTask(), topk: int = 3) -> dict:
     data.mkdir(parents=True, exist_ok=True)
     corpus, train, test = make_knowledge_base(task)
     write_jsonl(paths["corpus"], corpus)
-    write_jsonl(paths["train_data"], train)
+    write_jsonl(paths["train_data"], [q for q in train if len(q["lookups"]) == task.hops])  # RL's questions
     write_jsonl(paths["eval_data"], test)
     index = BM25Index.open(paths["corpus"], index_dir=paths["index_dir"])
     search = lambda queries: [format_passages(hits) for hits in index.search(queries, k=topk)]
