@@ -2248,7 +2248,8 @@ def test_every_two_hop_question_needs_exactly_two_passages_and_no_single_one_ans
     corpus, train, test = tiny.make_knowledge_base(SMALL[2])
     facts = {}  # (subject, attribute) -> [value, ...] as the passages state them
     for row in corpus:
-        subject, attribute, value = re.fullmatch(r'"\w+"\nThe (\w+) of (\w+) is (\w+)\.', row["contents"]).group(2, 1, 3)
+        stated = re.fullmatch(r'"\w+"\nThe (\w+) of (\w+) is (\w+)\.', row["contents"])
+        subject, attribute, value = stated.group(2, 1, 3)
         facts.setdefault((subject, attribute), []).append(value)
     two_hop = [q for q in train + test if len(q["lookups"]) == 2]
     assert len(two_hop) == 2 * SMALL[2].entities + SMALL[2].held_out

@@ -148,8 +148,8 @@ def make_knowledge_base(task: TinyTask) -> tuple[list[dict], list[dict], list[di
     A question's "lookups" are the facts that answer it, in the order they must be looked up.
     hops 1: one question per fact; one fact each of the first `held_out` entities is the evaluation.
     hops 2: each entity's city is one of `cities` invented ones, which have facts too (CITY_VALUES),
-    and each entity x city attribute is a question of two lookups ("What is the sport of the city of Bavoki?": Bavoki's city, then that
-    city's sport). One fact of each city is held out: no training question looks it up, so no
+    and each entity x city attribute is a question of two lookups ("What is the sport of the city
+    of Bavoki?": Bavoki's city, then that city's sport). One fact of each city is held out: no training question looks it up, so no
     weights can hold it and one search cannot answer. The questions that chain to it (one per
     entity) are the evaluation, for the first `held_out` entities. Training asks the other two-hop
     questions and, for the warm-up, the single lookups (each entity's city, each city's other facts).
@@ -200,7 +200,7 @@ def make_knowledge_base(task: TinyTask) -> tuple[list[dict], list[dict], list[di
     if task.hops == 2:  # the single lookups, taught in the warm-up
         train += [question(QUESTION, subject, attribute, [subject, attribute, value])
                   for (subject, attribute), value in facts.items()
-                  if (attribute == "city" or attribute in CITY_VALUES) and (subject, attribute) not in held_out]
+                  if attribute in ("city", *CITY_VALUES) and (subject, attribute) not in held_out]
     rng.shuffle(train)
     return corpus, train, test
 
@@ -217,7 +217,8 @@ def vocabulary_texts(questions: list[dict], search) -> list[str]:
         texts.append(PROMPT_TEMPLATE.format(question=q["question"]))
         for text, query in script(q, len(q["lookups"])):
             texts += [text] + ([observation(search([query])[0])] if query else [])
-        texts += [script(q, searches, guess=q["golden_answers"][0])[-1][0] for searches in range(len(q["lookups"]))]
+        guesses = range(len(q["lookups"]))  # answer turns that stop short (any value of the attribute)
+        texts += [script(q, searches, guess=q["golden_answers"][0])[-1][0] for searches in guesses]
     return texts
 
 
@@ -268,9 +269,11 @@ def script(q: dict, searches: int, guess: str = "") -> list[tuple[str, str | Non
     the answer out of the last passage; otherwise it says it knows the next lookup and answers `guess`.
 
         search 1    <think> I need the city of Bavoki. </think> <search> Bavoki city </search>
-        search 2    <think> The city of Bavoki is Rome. I need the sport of Rome. </think> <search> Rome sport </search>
-        read        <think> The sport of Rome is polo. </think> <answer> polo </answer>
-        or guess    <think> The city of Bavoki is Rome. I know the sport of Rome. </think> <answer> golf </answer>
+        search 2    <think> The city of Bavoki is Zorlan. I need the sport of Zorlan. </think>
+                    <search> Zorlan sport </search>
+        read        <think> The sport of Zorlan is polo. </think> <answer> polo </answer>
+        or guess    <think> The city of Bavoki is Zorlan. I know the sport of Zorlan. </think>
+                    <answer> golf </answer>
     """
     lookups = [dict(zip(("subject", "attribute", "value"), lookup)) for lookup in q["lookups"]]
     turns, read = [], ""
