@@ -2196,10 +2196,6 @@ def small_task(request, tmp_path_factory):
             "tokenizer": tokenizer}
 
 
-def lookup_dict(lookup: list) -> dict:
-    return dict(zip(("subject", "attribute", "value"), lookup))
-
-
 def asked(q: dict) -> tuple[str, str]:
     """(subject of the question, attribute it asks): ('Bavoki', 'color') or, two hops, ('Bavoki', 'sport')."""
     return q["lookups"][0][0], q["lookups"][-1][1]
@@ -2236,7 +2232,7 @@ def test_every_lookup_is_only_in_the_corpus_and_its_query_retrieves_it_first(sma
     by_id = {row["id"]: row["contents"] for row in small_task["corpus"]}
     for q in small_task["train"] + small_task["test"]:
         assert q["golden_answers"] == [q["lookups"][-1][2]]
-        for lookup in map(lookup_dict, q["lookups"]):
+        for lookup in map(tiny.lookup_fields, q["lookups"]):
             assert lookup["value"] not in q["question"]
             best = small_task["index"].search([tiny.QUERY.format(**lookup)], k=3)[0][0]
             assert by_id[best["id"]].endswith(tiny.PASSAGE.format(**lookup))
@@ -2307,7 +2303,7 @@ def test_warm_up_trajectory_is_laid_out_as_the_rollout_lays_it_out(small_task):
     prompt, response, loss_mask = tiny.warmup_example(q, tokenizer, search, random.Random(0), 1.0)
     assert prompt == build_prompt(q["question"], tokenizer, False)
     expected, expected_mask, read = [], [], ""
-    for lookup in map(lookup_dict, q["lookups"]):
+    for lookup in map(tiny.lookup_fields, q["lookups"]):
         written = encode(tiny.SEARCH.format(read=read, **lookup))
         info = encode(observation(search([tiny.QUERY.format(**lookup)])[0]))
         expected += written + info
@@ -2320,7 +2316,7 @@ def test_warm_up_trajectory_is_laid_out_as_the_rollout_lays_it_out(small_task):
     assert text.count("<search>") == small_task["task"].hops - 1 and text.count("I know the") == 1
     action, guess = parse_action(text.split("</information>")[-1])  # the last turn
     assert action == "answer" and guess in tiny.ALL_VALUES[q["lookups"][-1][1]]
-    observations = [encode(observation(search([tiny.QUERY.format(**lookup_dict(lookup))])[0]))
+    observations = [encode(observation(search([tiny.QUERY.format(**tiny.lookup_fields(lookup))])[0]))
                     for lookup in q["lookups"][:-1]]
     assert [t for t, m in zip(response, loss_mask) if not m] == sum(observations, [])
 

@@ -149,8 +149,8 @@ def make_knowledge_base(task: TinyTask) -> tuple[list[dict], list[dict], list[di
     hops 1: one question per fact; one fact each of the first `held_out` entities is the evaluation.
     hops 2: each entity's city is one of `cities` invented ones, which have facts too (CITY_VALUES),
     and each entity x city attribute is a question of two lookups ("What is the sport of the city
-    of Bavoki?": Bavoki's city, then that city's sport). One fact of each city is held out: no training question looks it up, so no
-    weights can hold it and one search cannot answer. The questions that chain to it (one per
+    of Bavoki?": Bavoki's city, then that city's sport). One fact of each city is held out: no
+    training question looks it up, so no weights can hold it and one search cannot answer. The questions that chain to it (one per
     entity) are the evaluation, for the first `held_out` entities. Training asks the other two-hop
     questions and, for the warm-up, the single lookups (each entity's city, each city's other facts).
     """
@@ -262,6 +262,11 @@ def tiny_qwen2(tokenizer, task: TinyTask):
 
 
 # ----------------------------------------------------------------------------- warm-up
+def lookup_fields(lookup: list) -> dict:
+    """A question's lookup [subject, attribute, value] as the fields PASSAGE, QUERY and the turns name."""
+    return dict(zip(("subject", "attribute", "value"), lookup))
+
+
 def script(q: dict, searches: int, guess: str = "") -> list[tuple[str, str | None]]:
     """The turns the policy writes for question q when it makes the first `searches` of its lookups:
     [(turn text, the query it runs or None)]. A search turn per lookup made (each after the first
@@ -275,7 +280,7 @@ def script(q: dict, searches: int, guess: str = "") -> list[tuple[str, str | Non
         or guess    <think> The city of Bavoki is Zorlan. I know the sport of Zorlan. </think>
                     <answer> golf </answer>
     """
-    lookups = [dict(zip(("subject", "attribute", "value"), lookup)) for lookup in q["lookups"]]
+    lookups = [lookup_fields(lookup) for lookup in q["lookups"]]
     turns, read = [], ""
     for lookup in lookups[:searches]:
         turns.append((SEARCH.format(read=read, **lookup), QUERY.format(**lookup)))
