@@ -28,6 +28,7 @@ extra time goes (encoding and decoding the JSON).
 """
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import multiprocessing
@@ -51,9 +52,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 import plan
 import rollout as rollout_chapter
 import searchr1
-from grpo import batch_logprobs, token_logprobs
+from grpo import token_logprobs
 from retriever import format_passages
-from rollout import RolloutConfig, build_prompt, observation, pad_id, rollout, rollout_plain
+from rollout import RolloutConfig, build_prompt, rollout, rollout_plain
 from searchr1 import clock, peak_memory_gb
 
 LOGPROB_CHUNK = inspect.signature(token_logprobs).parameters["chunk"].default  # positions of logits at a time
@@ -314,14 +315,14 @@ def bench_rollout(args) -> list[dict]:
 
 
 def outside_forward_share(run) -> float:
-    """The share of run()'s wall time spent outside the model's forward calls (rollout._forward)."""
-    spent, forward = [0.0], rollout_chapter._forward
+    """The share of run()'s wall time spent outside the model's forward calls (the engine's _forward)."""
+    spent, forward = [0.0], rollout_chapter._CachedDecoder._forward
     def timed(*args, **kwargs):
         start = time.perf_counter()
         out = forward(*args, **kwargs)
         spent[0] += time.perf_counter() - start
         return out
-    with mock.patch.object(rollout_chapter, "_forward", timed):
+    with mock.patch.object(rollout_chapter._CachedDecoder, "_forward", timed):
         start = time.perf_counter()
         run()
         return 1 - spent[0] / (time.perf_counter() - start)
@@ -430,7 +431,8 @@ def bench_serve(args):
         print(f"  {what}: HTTP / in-process = {ratio:.2f}: {'met' if ratio >= 0.8 else 'NOT met'}")
 
 
-# Issue 6's targets for a run on one 24 GB consumer card, and the shape of the model measured
+# ----------------------------------------------------------------------------- gpu
+# The targets of a run on one 24 GB consumer card, and the shape of the model measured
 GPU_TARGETS = {"peak_gb": 20, "steps_in_3h": searchr1.Config().steps}  # peak < 20 GB; the default run in 3 hours
 QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                  intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
@@ -438,17 +440,12 @@ QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
                  bos_token_id=151643, eos_token_id=151643)  # Qwen2.5-3B's released config and token ids
 # --tiny: the same vocabulary (every id of the real tokenizer exists), a model of ~10M parameters
 TINY_QWEN2 = dict(QWEN25_3B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-# batch and lengths measured (issue 6) and those of --tiny; a flag given on the command line wins
-GPU_SIZES = dict(questions=searchr1.Config().batch_size, tokens_per_turn=500, passage_tokens=130)  # micro-batch, rollout chunk: Config's
-GPU_TINY_SIZES = dict(questions=2, tokens_per_turn=12, passage_tokens=4, group_size=2, micro_batch_size=2,
-                      rollout_batch_size=1)  # 2 chunks: the hook's rows restart at 0 in each
-# memory bandwidth (TB/s) and dense bf16 tensor throughput (TFLOPS, FP32 accumulate) from the vendors'
-# data sheets, by a piece of torch.cuda.get_device_name(); the first match counts
-CARDS = {"H100 80GB HBM3": (3.35, 989), "H100 NVL": (3.9, 835), "H100 PCIe": (2.0, 756), "H200": (4.8, 989),
-         "A100-SXM4-80GB": (2.04, 312), "A100 80GB PCIe": (1.94, 312), "A100": (1.56, 312), "L40S": (0.864, 362),
-         "RTX 4090": (1.008, 165), "RTX 3090": (0.936, 71)}
-GPU_COLUMNS = ("device", "model", "batch", "rollout tok/s (ours)", "rollout tok/s (generate)", "ours / generate",
-               "rollout s", "log-prob s", "update s", "step s", "peak GB", "GRPO steps in 3 h")
+# the lengths measured, and those of --tiny; the batch of a step is the plan's rollout chunk (one
+# rollout call); a flag given on the command line wins
+GPU_SIZES = dict(tokens_per_turn=500, passage_tokens=130, compare_questions=1, compare_tokens=100)
+GPU_TINY_SIZES = dict(tokens_per_turn=12, passage_tokens=4, compare_questions=1, compare_tokens=12, group_size=2,
+                      micro_batch_size=2, rollout_batch_size=2)
+GPU_PHASES = ("step", "merged", "generate")  # in this order: the most wanted first, should time run out
 
 
 def _save_random_qwen2(architecture: dict, tokenizer, folder: Path, device) -> None:
@@ -463,10 +460,20 @@ def _save_random_qwen2(architecture: dict, tokenizer, folder: Path, device) -> N
     tokenizer.save_pretrained(folder)
 
 
-def _measure(what: str, fn, device, notes: list[str]):
+def gpu_device(args) -> torch.device:
+    """The device measured: the CPU with --tiny, else the current GPU -- indexed, as the memory cap needs
+    (torch.cuda.set_per_process_memory_fraction refuses a device without an index)."""
+    if args.tiny:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu: no CUDA device is visible; `bench.py gpu --tiny` runs the same code on the CPU")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _measure(phase: str, fn, device, sizes: dict, failures: list[dict]):
     """(fn(), wall seconds, peak memory GB while it ran), or None when it ran out of the capped GPU memory:
-    the note says where (the innermost line of searchr1's own modules), the table shows OOM and the bench
-    goes on. (On the CPU the peak is the process's.)"""
+    then `failures` gets the phase, its sizes, the allocator's peak and where it failed (the innermost line
+    of searchr1's own modules), and the bench goes on. (On the CPU the peak is the process's.)"""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -475,61 +482,61 @@ def _measure(what: str, fn, device, notes: list[str]):
         result = fn()
     except torch.OutOfMemoryError as error:
         ours = [frame for frame in traceback.extract_tb(error.__traceback__)
-                if Path(frame.filename).name in ("searchr1.py", "rollout.py", "grpo.py")]
-        where = f" in {Path(ours[-1].filename).name}:{ours[-1].lineno} `{ours[-1].line}`" if ours else ""
-        notes.append(f"{what} ran out of memory under the cap{where}: {str(error).splitlines()[0]}")
+                if Path(frame.filename).name in ("searchr1.py", "rollout.py", "grpo.py", "ppo.py")]
+        failures.append({"phase": phase, "sizes": sizes, "peak_gb": peak_memory_gb(device),
+                         "where": f"{Path(ours[-1].filename).name}:{ours[-1].lineno} `{ours[-1].line}`" if ours else "",
+                         "error": str(error).splitlines()[0]})
         return None
     return result, clock(device) - start, peak_memory_gb(device)
 
 
 def bench_gpu(args) -> dict:
-    """Is one GRPO step of the default batch on Qwen2.5-3B in 4-bit affordable on a 24 GB card?
+    """Is the default run on Qwen2.5-3B in 4-bit affordable on a 24 GB card? The numbers of each phase,
+    printed and written to --json as soon as the phase ends, so a run cut short keeps what it measured.
 
     Cost does not depend on weight values, so Qwen2.5-3B is built from its config with random weights,
     saved with the real tokenizer and loaded through searchr1.load_policy -- NF4 4-bit, LoRA, gradient
-    checkpointing, as training loads it -- with the usable GPU memory capped at --memory-cap-gb.
-    Random weights write no stop tags, so a script forces what is sampled (forced_script through the
-    rollout's logits hook): every turn runs to the per-turn budget (the worst case, which memory must
-    survive), each search gets 3 passages of ~130 tokens, and the last turn ends in `<answer> yes
-    </answer>` on even rows and `no` on odd ones, so every group has rewards 1 and 0 and the update
-    has a gradient. Measured: one real searchr1.train_step on the script, timed by phase (rollout,
-    pi_old/pi_ref log-probs, update), its rollout's tokens/s beside rollout_plain (model.generate re-run
-    over each whole history every turn) on the first chunk of rollout_batch_size questions (the same tokens,
-    checked). --tiny runs all of it on the CPU with a tiny Qwen2.
+    checkpointing, as training loads it -- with the usable GPU memory capped at --memory-cap-gb, and
+    the memory plan picks the rollout chunk and micro-batch for that cap. Random weights write no stop
+    tags, so a script forces what is sampled (forced_script through the rollout's logits hook): every
+    turn runs to the per-turn budget (the worst case, which memory must survive), each search gets 3
+    passages of ~130 tokens, and the last turn ends in `<answer> yes </answer>` on even rows and `no` on
+    odd ones, so every group has rewards 1 and 0 and the update has a gradient. The phases (--phases),
+    in this order:
+      step      one real searchr1.train_step on one rollout chunk, timed by phase (rollout, pi_old/pi_ref
+                log-probs, update), with its peak memory and the sampler's log-prob drift
+      merged    one rollout of the chunk the plan picks for --rollout-weights merged, sampled from the
+                16-bit merged copy (its making included)
+      generate  rollout.py against rollout_plain (model.generate re-run over each whole history every
+                turn) on a small chunk and short turns: the same tokens, and the speed-up
+    From the step, the default run's step (Config().batch_size questions, in as many rollout calls as
+    the chunk needs) and the steps that fit in 3 hours. --tiny runs all of it on the CPU with a tiny Qwen2.
     """
-    r = gpu_measure(args)
-    r["estimate"] = gpu_estimate(r, args)
-    gpu_print(r, args)
-    if args.json:  # the table as data, for README and for a device run's $OUT
-        Path(args.json).write_text(json.dumps({k: v for k, v in r.items() if k != "profile"}, indent=1, default=str))
-    return r
-
-
-def gpu_measure(args) -> dict:
-    """bench_gpu's measurements: the plain rollout, then one real train_step, on the forced script;
-    with the setting, the memory arithmetic and (--profile) the top ops, as text for gpu_print."""
-
     for key, value in (GPU_TINY_SIZES if args.tiny else GPU_SIZES).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.tiny:
-        device = torch.device("cpu")
-        # tiny ops gain nothing from more threads, and on cores other programs share each op waits for
-        # descheduled threads (measured here: 1 thread ~15x faster than 2 on a loaded 2-core machine)
-        torch.set_num_threads(args.threads or 1)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        raise SystemExit("bench.py gpu: no CUDA device is visible; `bench.py gpu --tiny` runs the same code on the CPU")
+    device = gpu_device(args)
     cuda = device.type == "cuda"
     if cuda:  # a consumer card's memory: allocations beyond the cap fail as they would there
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device)
+    else:
+        # tiny ops gain nothing from more threads, and on cores other programs share each op waits for
+        # descheduled threads (measured here: 1 thread ~15x faster than 2 on a loaded 2-core machine)
+        torch.set_num_threads(args.threads or 1)
     threads = torch.get_num_threads()
-    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({threads} thread{'s' * (threads > 1)})"
+    r = {"device": torch.cuda.get_device_name(device) if cuda else f"CPU ({threads} thread{'s' * (threads > 1)})",
+         "cap_gb": args.memory_cap_gb if cuda else None, "phases": {}, "out_of_memory": []}
+    def record(phase: str, numbers: dict | None) -> None:
+        r["phases"][phase] = numbers
+        if args.json:  # the results so far, whole, after every phase
+            searchr1.write_atomic(Path(args.json), json.dumps(r, indent=1, default=str))
+
+    # --- setup: the random model, loaded as training loads it, and the plan for the cap
+    start = time.time()
     architecture = TINY_QWEN2 if args.tiny else QWEN25_3B
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    settings = dict(batch_size=args.questions, max_new_tokens=args.tokens_per_turn, seed=args.seed, device=device.type)
+    settings = dict(max_new_tokens=args.tokens_per_turn, seed=args.seed, device=device.type)
     settings.update({key: getattr(args, key) for key in ("group_size", "micro_batch_size", "rollout_batch_size")
                      if getattr(args, key)})
     torch.manual_seed(args.seed)
@@ -538,177 +545,155 @@ def gpu_measure(args) -> dict:
         cfg = searchr1.Config(model=folder, gpu_memory_gb=args.memory_cap_gb if cuda else 0, **settings)
         tokenizer, model = searchr1.load_policy(cfg, device)
     questions = [{"question": f"What happened in town number {i}", "golden_answers": ["yes"]}
-                 for i in range(args.questions)]
+                 for i in range(cfg.batch_size)]
     cfg = searchr1.fit_to_memory(cfg, model, tokenizer, questions, device)  # prints the plan on a GPU
-    model_name = f"random {'tiny Qwen2' if args.tiny else 'Qwen2.5-3B'}, NF4 + LoRA r{cfg.lora_r}"
-    turns, chunk = cfg.max_turns + 1, min(cfg.rollout_batch_size, args.questions)
+    merged_cfg = searchr1.fit_to_memory(dataclasses.replace(cfg, rollout_weights="merged",
+                                                            rollout_batch_size=settings.get("rollout_batch_size", 0)),
+                                        model, tokenizer, questions, device)
+    chunk = cfg.rollout_batch_size
+    r["model"] = f"random {'tiny Qwen2' if args.tiny else 'Qwen2.5-3B'}, NF4 + LoRA r{cfg.lora_r}"
+    r["plan"] = {"rollout_batch_size": chunk, "micro_batch_size": cfg.micro_batch_size,
+                 "merged_rollout_batch_size": merged_cfg.rollout_batch_size if merged_cfg.rollout_weights == "merged"
+                 else None}
+    record("setup", {"seconds": time.time() - start})
 
-    # --- the script: one per chunk of rollout_batch_size questions (the hook sees rows within a chunk)
+    # --- what is sampled: the script, the passages, the prompts
+    turns = cfg.max_turns + 1
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    rows = chunk * cfg.group_size
-    script = forced_script(tokenizer, torch.full((rows, turns), args.tokens_per_turn), architecture["vocab_size"],
-                           args.seed)  # (rows, turns, tokens_per_turn)
-    for row in range(rows):  # the last turn ends in an answer where its search tag would close
-        answer = encode(f" <answer> {'no' if row % 2 else 'yes'} </answer>")
-        if len(encode("<search>")) + len(answer) >= args.tokens_per_turn:
-            raise SystemExit(f"--tokens-per-turn {args.tokens_per_turn} is too short for a turn with an answer")
-        script[row, -1, args.tokens_per_turn - len(answer):] = torch.tensor(answer)
-    hook = script_hook(script.to(device))
+    def scripted(rows: int, tokens: int):  # the hook that makes `rows` rows sample `turns` turns of `tokens`
+        script = forced_script(tokenizer, torch.full((rows, turns), tokens), architecture["vocab_size"], args.seed)
+        for row in range(rows):  # the last turn ends in an answer where its search tag would close
+            answer = encode(f" <answer> {'no' if row % 2 else 'yes'} </answer>")
+            if len(encode("<search>")) + len(answer) >= tokens:
+                raise SystemExit(f"a turn of {tokens} tokens is too short for a turn with an answer")
+            script[row, -1, tokens - len(answer):] = torch.tensor(answer)
+        return script_hook(script.to(device))
     text = tokenizer.decode(encode("The passage tells of a town by the river, its people and their long history. "
                                    * (args.passage_tokens // 10 + 1))[: args.passage_tokens])
     passages = format_passages([{"title": f"Town {i}", "text": text} for i in range(1, cfg.topk + 1)])
     search = lambda queries: [passages] * len(queries)  # noqa: E731
     prompts = [build_prompt(q["question"], tokenizer, searchr1.uses_chat_template(cfg, tokenizer)) for q in questions]
     rollout_cfg = cfg.rollout_config()
-
-    notes = []
     model.eval()
-    short = dataclasses.replace(rollout_cfg, max_new_tokens=4)  # warm-up: kernels, allocator, caches
-    rollout(model, tokenizer, prompts[:1], search, short, logits_hook=hook)
-    rollout_plain(model, tokenizer, prompts[:1], search, short, logits_hook=hook)
-    naive = _measure("model.generate", lambda: [  # on the first rollout chunk: it only sets the speed-up
-        t.response_ids for t in rollout_plain(model, tokenizer, prompts[:chunk], search, rollout_cfg, logits_hook=hook)],
-        device, notes)
+    warm = dataclasses.replace(rollout_cfg, max_new_tokens=4)  # warm-up: kernels, allocator, caches
+    for way in (rollout, rollout_plain):
+        way(model, tokenizer, prompts[:1], search, warm, logits_hook=scripted(cfg.group_size, args.compare_tokens))
 
-    # --- pi_old drift: the log-probs the sampler recorded against a fresh forward pass (what --old-logprobs
-    # rollout would train with instead of what recompute does), on one micro-batch of one rollout chunk
-    sampled = rollout(model, tokenizer, prompts[:chunk], search, rollout_cfg, logits_hook=hook)[: cfg.micro_batch_size]
-    batch = searchr1.pack(sampled, torch.zeros(len(sampled)), pad_id(tokenizer), True, device)
-    with torch.no_grad():
-        delta = (batch_logprobs(model, batch, cfg.temperature) - batch.old_logp)[batch.loss_mask.bool()]
-    r_drift = {"max": delta.abs().max().item(), "mean": delta.abs().mean().item(),
-               "ratio_std": delta.exp().std().item() if delta.numel() > 1 else 0.0}
+    def generate():
+        n, short = args.compare_questions, dataclasses.replace(rollout_cfg, max_new_tokens=args.compare_tokens)
+        hook, seconds, out = scripted(n * cfg.group_size, args.compare_tokens), {}, {}
+        for way, run in (("ours", rollout), ("generate", rollout_plain)):
+            start = clock(device)
+            out[way] = [t.response_ids for t in run(model, tokenizer, prompts[:n], search, short, logits_hook=hook)]
+            seconds[way] = clock(device) - start
+        sampled = n * cfg.group_size * turns * args.compare_tokens
+        return {"questions": n, "tokens_per_turn": args.compare_tokens, "ours_tok_s": sampled / seconds["ours"],
+                "generate_tok_s": sampled / seconds["generate"], "ratio": seconds["generate"] / seconds["ours"],
+                "same_tokens": out["ours"] == out["generate"]}
 
-    # --- one real GRPO step whose rollout follows the script; the parameters before it, to see what it changed
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    before = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
-    sampled_in_step = []  # what train_step's rollout returned, chunk after chunk
-    def forced_rollout(*positional, **keywords):
-        trajectories = rollout(*positional, logits_hook=hook, **keywords)
-        sampled_in_step.extend(trajectories)
-        return trajectories
     def step():
-        with mock.patch.object(searchr1, "rollout", forced_rollout):
-            return searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, device)
-    trained = _measure("train_step", step, device, notes)
-    changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[name])]
-    del before
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0)
+        before = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+        forced = functools.partial(rollout, logits_hook=scripted(chunk * cfg.group_size, args.tokens_per_turn))
+        with mock.patch.object(searchr1, "rollout", forced):
+            stats, trajectories, _ = searchr1.train_step(model, tokenizer, optimizer, questions[:chunk], search,
+                                                         cfg, device)
+        changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[name])]
+        return {**{key: stats[key] for key in ("rollout_s", "logprob_s", "update_s", "step_s", "reward", "logp_drift",
+                                               "logp_drift_max")},
+                "questions": chunk, "sampled_tokens": sum(sum(t.loss_mask) for t in trajectories),
+                "forced_tokens": chunk * cfg.group_size * turns * args.tokens_per_turn,
+                "response_tokens": max(len(t.response_ids) for t in trajectories),
+                "changed_lora": sum("lora_" in name for name in changed),
+                "changed_frozen": sum("lora_" not in name for name in changed)}
 
-    # --- results, and the consumer card scaled from the measured device
-    forced = args.questions * cfg.group_size * turns * args.tokens_per_turn  # tokens the script makes sample
-    r = {"device": device_name, "model": model_name, "batch": f"{args.questions} x {cfg.group_size}",
-         "forced_tokens": forced, "sampled_tokens": sum(sum(t.loss_mask) for t in sampled_in_step) if trained else None,
-         "response_tokens": max(len(t.response_ids) for t in sampled_in_step) if trained else None,
-         "generate_tok_s": rows * turns * args.tokens_per_turn / naive[1] if naive else None,
-         "generate_peak_gb": naive[2] if naive else None,
-         "same_tokens": [t.response_ids for t in sampled_in_step[:rows]] == naive[0] if trained and naive else None,
-         "changed_lora": sum("lora_" in name for name in changed),
-         "changed_frozen": sum("lora_" not in name for name in changed), "notes": notes, "pi_old_drift": r_drift}
-    if trained:
-        (stats, _, _), _, r["peak_gb"] = trained  # train_step: (stats, trajectories, rewards)
-        r.update({key: stats[key] for key in ("rollout_s", "logprob_s", "update_s", "step_s", "reward")})
-        r["ours_tok_s"], r["steps_in_3h"] = stats["tokens_per_s"], 3 * 3600 / stats["step_s"]
-    r["ratio"] = r["ours_tok_s"] / r["generate_tok_s"] if trained and naive else None
-    obs_tokens = min(len(encode(observation(passages))), cfg.max_obs_tokens)
-    cap = f"GPU memory capped at {args.memory_cap_gb:g} GiB" if cuda else "CPU: peak GB is the process's peak RSS"
-    r["setting"] = (f"{r['model']}; {r['batch']} trajectories in rollout chunks of {chunk} question{'s' * (chunk > 1)}, "
-                    f"{turns} turns of {args.tokens_per_turn} forced tokens, observations of {cfg.topk} passages "
-                    f"({obs_tokens} tokens), micro-batch {cfg.micro_batch_size}, gradient checkpointing; {cap}")
-    # memory arithmetic: keys and values of a rollout chunk at full length; fp32 logits of one micro-batch,
-    # whole (what a plain forward would make) and one chunk of grpo.token_logprobs (what is made)
-    response = turns * args.tokens_per_turn + cfg.max_turns * obs_tokens
-    longest = max(len(p) for p in prompts) + response
-    head_dim = architecture["hidden_size"] // architecture["num_attention_heads"]
-    kv_gb = (rows * longest * architecture["num_hidden_layers"] * 2 * architecture["num_key_value_heads"] * head_dim
-             * (2 if cuda else 4)) / 2**30  # keys and values, bf16 on CUDA, fp32 on the CPU
-    logits_gb = cfg.micro_batch_size * response * architecture["vocab_size"] * 4 / 2**30
-    chunk_gb = logits_gb * min(1.0, LOGPROB_CHUNK / response)
-    r["memory"] = (f"memory arithmetic: KV cache of one rollout chunk ({rows} x {longest} tokens) {kv_gb:.2f} GB; "
-                   f"fp32 logits of one micro-batch {logits_gb:.2f} GB whole, {chunk_gb:.2f} GB a chunk of "
-                   f"{LOGPROB_CHUNK} positions as grpo.token_logprobs makes them")
-    r["profile"] = None
-    if args.profile and trained:  # one more step under the profiler: where its seconds go
+    def merged():
+        n = r["plan"]["merged_rollout_batch_size"]
+        start = clock(device)
+        with searchr1.sampling_model(model, merged_cfg, device) as copy:
+            made = clock(device)
+            trajectories = rollout(copy, tokenizer, prompts[:n], search, rollout_cfg,
+                                   logits_hook=scripted(n * cfg.group_size, args.tokens_per_turn))
+            end = clock(device)
+        sampled = sum(sum(t.loss_mask) for t in trajectories)
+        return {"questions": n, "copy_s": made - start, "rollout_s": end - made, "tok_s": sampled / (end - start),
+                "ms_per_decode_step": 1e3 * (end - made) / (turns * args.tokens_per_turn)}
+
+    for phase, run in (("step", step), ("merged", merged), ("generate", generate)):
+        if phase not in args.phases or (phase == "merged" and not r["plan"]["merged_rollout_batch_size"]):
+            continue
+        sizes = {"questions": chunk, "group_size": cfg.group_size, "micro_batch_size": cfg.micro_batch_size,
+                 "tokens_per_turn": args.tokens_per_turn}
+        measured = _measure(phase, run, device, sizes, r["out_of_memory"])
+        record(phase, measured and {**measured[0], "seconds": measured[1], "peak_gb": measured[2]})
+    if r["phases"].get("step"):
+        record("run", gpu_run(r["phases"]["step"], searchr1.Config().batch_size, turns, args.tokens_per_turn))
+    if args.profile and r["phases"].get("step"):  # one more step under the profiler: where its seconds go
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as profiler:
-            profiled = _measure("the profiled step", step, device, notes)
-        if profiled:
-            order = "self_device_time_total" if cuda else "self_cpu_time_total"
-            r["profile"] = (f"profile of one more train_step ({profiled[1]:.1f} s with the profiler on), top ops by "
-                            f"{order}:\n" + profiler.key_averages().table(sort_by=order, row_limit=args.profile_rows))
+            step()
+        order = "self_device_time_total" if cuda else "self_cpu_time_total"
+        r["profile"] = (f"profile of one more train_step, top ops by {order}:\n"
+                        + profiler.key_averages().table(sort_by=order, row_limit=args.profile_rows))
+    r["setting"] = (f"{r['model']}; rollout chunk {chunk} questions x {cfg.group_size} (the plan's, one rollout "
+                    f"call), {turns} turns of {args.tokens_per_turn} forced tokens, observations of {cfg.topk} "
+                    f"passages of {args.passage_tokens} tokens, micro-batch {cfg.micro_batch_size}, gradient "
+                    f"checkpointing; " + (f"GPU memory capped at {args.memory_cap_gb:g} GiB" if cuda
+                                          else "CPU: peak GB is the process's peak RSS"))
+    gpu_print(r)
     return r
 
 
-def device_numbers(device_name: str, args) -> tuple[float, float] | None:
-    """(TB/s, dense bf16 TFLOPS) of the measured device: given, or from CARDS, or None."""
-    if args.device_tbps and args.device_tflops:
-        return args.device_tbps, args.device_tflops
-    return next((numbers for piece, numbers in CARDS.items() if piece in device_name), None)
+def gpu_run(step: dict, questions: int, turns: int, tokens_per_turn: int) -> dict:
+    """The default run's step from the measured one: as many rollout calls as its questions need chunks,
+    each taken to cost what the measured call cost (decoding here is bound by kernel launches, one per
+    op per token, not by the rows in the batch: an assumption a run at two chunk sizes would test), and
+    the log-prob and update passes scaled by the trajectories."""
+    calls = -(-questions // step["questions"])
+    share = questions / step["questions"]
+    step_s = calls * step["rollout_s"] + share * (step["logprob_s"] + step["update_s"])
+    return {"questions": questions, "rollout_calls": calls, "step_s": step_s, "steps_in_3h": 3 * 3600 / step_s,
+            "ms_per_decode_step": 1e3 * step["rollout_s"] / (turns * tokens_per_turn)}
 
 
-def gpu_estimate(r: dict, args) -> dict | None:
-    """The consumer card (--card-*) scaled from the measured device: the rollout by memory bandwidth,
-    the log-prob and update passes by FLOPs. None without a measured step or the device's numbers."""
-    measured = device_numbers(r["device"], args)
-    if not (measured and r.get("step_s")):
-        return None
-    by_bandwidth, by_flops = measured[0] / args.card_tbps, measured[1] / args.card_tflops
-    step_s = r["rollout_s"] * by_bandwidth + (r["logprob_s"] + r["update_s"]) * by_flops
-    return {**r, "device": f"{args.card_name} (estimate)", "ours_tok_s": r["ours_tok_s"] / by_bandwidth,
-            "generate_tok_s": r["generate_tok_s"] and r["generate_tok_s"] / by_bandwidth,
-            "rollout_s": r["rollout_s"] * by_bandwidth, "logprob_s": r["logprob_s"] * by_flops,
-            "update_s": r["update_s"] * by_flops, "step_s": step_s, "steps_in_3h": 3 * 3600 / step_s}
-
-
-def gpu_print(r: dict, args) -> None:
-    """bench_gpu's table: the measured device and the estimate, the targets, notes and the profile."""
-    def cell(row, key, spec):
-        return "OOM" if row.get(key) is None else format(row[key], spec)
-    estimate = r["estimate"]
-    print(f"\n{r['setting']}")
-    print("| " + " | ".join(GPU_COLUMNS) + " |")
-    print("|" + "---|" * len(GPU_COLUMNS))
-    numbers = [("ours_tok_s", ",.0f"), ("generate_tok_s", ",.0f"), ("ratio", ".2f"), ("rollout_s", ".1f"),
-               ("logprob_s", ".1f"), ("update_s", ".1f"), ("step_s", ".1f"), ("peak_gb", ".2f"), ("steps_in_3h", ".0f")]
-    for row in [r] + ([estimate] if estimate else []):  # the columns of GPU_COLUMNS
-        print("| " + " | ".join([row["device"], row["model"], row["batch"]]
-                                + [cell(row, key, spec) for key, spec in numbers]) + " |")
-    same = {True: "yes", False: "NO", None: "not compared"}[r["same_tokens"]]
-    print(f"sampled tokens {cell(r, 'sampled_tokens', 'd')} of {r['forced_tokens']} forced, the same both ways: "
-          f"{same}; peak GB: generate {cell(r, 'generate_peak_gb', '.2f')}, train step {cell(r, 'peak_gb', '.2f')}; "
-          f"the step changed {r['changed_lora']} LoRA tensors and {r['changed_frozen']} others; "
-          f"reward {cell(r, 'reward', '.2f')}")
-    print(r["memory"])
-    drift = r["pi_old_drift"]
-    print(f"pi_old drift (the sampler's log-probs against a fresh pass, {r['batch']} trajectories' first micro-batch): "
-          f"max |d log p| {drift['max']:.2e}, mean {drift['mean']:.2e}; the first update's ratio exp(d) has a spread "
-          f"(std) of {drift['ratio_std']:.2e} (the clip acts at 0.2)")
-    print("targets:")
-    for row in [r] + ([estimate] if estimate else []):
-        peak_ok = row.get("peak_gb") is not None and row["peak_gb"] < GPU_TARGETS["peak_gb"]
-        steps_ok = row.get("steps_in_3h") is not None and row["steps_in_3h"] >= GPU_TARGETS["steps_in_3h"]
-        print(f"  {row['device']}: peak memory {cell(row, 'peak_gb', '.2f')} GB (< {GPU_TARGETS['peak_gb']}): "
-              f"{'met' if peak_ok else 'NOT met'}; GRPO steps in 3 h {cell(row, 'steps_in_3h', '.0f')} "
-              f"(>= {GPU_TARGETS['steps_in_3h']}): {'met' if steps_ok else 'NOT met'}")
-    measured = device_numbers(r["device"], args)
-    if estimate:
-        print(f"estimate: {r['device']} taken as {measured[0]:g} TB/s and {measured[1]:g} dense bf16 TFLOPS, "
-              f"{args.card_name} as {args.card_tbps:g} TB/s and {args.card_tflops:g}. The rollout's time is scaled "
-              "by memory bandwidth (decoding reads every weight and the KV cache for each token), the log-prob and "
-              "update passes by FLOPs; the 4-bit dequantization and the CPU-side sampling loop follow neither, so "
-              "it is a rough figure; peak memory is the measured one (same code, same cap).")
-    elif not measured:
-        print(f"no consumer-card estimate: the peak numbers of {r['device']} are unknown "
-              "(give --device-tbps and --device-tflops)")
-    for note in r["notes"]:
-        print(f"note: {note}")
-    if r["profile"]:
+def gpu_print(r: dict) -> None:
+    """bench_gpu's results: each phase's numbers (or where it ran out of memory), the default run, the targets."""
+    phases = r["phases"]
+    print(f"\n{r['device']}: {r['setting']}")
+    if g := phases.get("generate"):
+        print(f"generate ({g['questions']} question, {g['tokens_per_turn']}-token turns): rollout.py "
+              f"{g['ours_tok_s']:,.0f} tok/s, model.generate {g['generate_tok_s']:,.0f} tok/s: {g['ratio']:.2f}x; "
+              f"the same tokens both ways: {'yes' if g['same_tokens'] else 'NO'}")
+    if s := phases.get("step"):
+        print(f"step ({s['questions']} questions): rollout {s['rollout_s']:.1f} s, log-probs {s['logprob_s']:.1f} s, "
+              f"update {s['update_s']:.1f} s, in all {s['step_s']:.1f} s; peak {s['peak_gb']:.2f} GB; sampled "
+              f"{s['sampled_tokens']} of {s['forced_tokens']} forced tokens; reward {s['reward']:.2f}; the step changed "
+              f"{s['changed_lora']} LoRA tensors and {s['changed_frozen']} others; pi_old drift (the sampler's log-probs "
+              f"against the trainer's pass) mean {s['logp_drift']:.2e}, max {s['logp_drift_max']:.2e}")
+    if m := phases.get("merged"):
+        print(f"merged ({m['questions']} questions, the plan's chunk for --rollout-weights merged): copy made in "
+              f"{m['copy_s']:.1f} s, rollout {m['rollout_s']:.1f} s ({m['ms_per_decode_step']:.1f} ms a decode step), "
+              f"{m['tok_s']:,.0f} tok/s with the copy's making; peak {m['peak_gb']:.2f} GB")
+    if run := phases.get("run"):
+        m = phases.get("merged")
+        compare = (f"; merged: {m['ms_per_decode_step']:.1f} ms a decode step in chunks of {m['questions']}" if m else "")
+        print(f"the default run's step ({run['questions']} questions, {run['rollout_calls']} rollout calls, "
+              f"{run['ms_per_decode_step']:.1f} ms a decode step{compare}): ~{run['step_s']:.0f} s; "
+              f"~{run['steps_in_3h']:.0f} GRPO steps in 3 h")
+        print(f"targets: peak memory {s['peak_gb']:.2f} GB (< {GPU_TARGETS['peak_gb']}): "
+              f"{'met' if s['peak_gb'] < GPU_TARGETS['peak_gb'] else 'NOT met'}; steps in 3 h {run['steps_in_3h']:.0f} "
+              f"(>= {GPU_TARGETS['steps_in_3h']}): {'met' if run['steps_in_3h'] >= GPU_TARGETS['steps_in_3h'] else 'NOT met'}")
+    for failure in r["out_of_memory"]:
+        print(f"OUT OF MEMORY in {failure['phase']} ({failure['sizes']}) at {failure['where'] or '?'}, the "
+              f"allocator's peak {failure['peak_gb']:.2f} GB: {failure['error']}")
+    if r.get("profile"):
         print(f"\n{r['profile']}")
 
 
 def bench_plan(args) -> list:
     """The memory plan of Qwen2.5-3B at searchr1's defaults (arithmetic, no model), for each card size;
     the prompt as long as Search-R1's prompt of a 20-word question in Qwen2.5's chat template."""
-    cfg = searchr1.Config(algo=args.algo)
+    cfg = searchr1.Config(algo=args.algo, rollout_weights=args.rollout_weights)
     tokenizer = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
     prompt = len(build_prompt(" ".join(["word"] * 20), tokenizer, chat=True))
     plans = []
@@ -772,29 +757,36 @@ def main(argv: list[str] | None = None):
     plan_parser = commands.add_parser("plan", help="the memory plan of Qwen2.5-3B at the defaults, by arithmetic")
     plan_parser.add_argument("--gpu-memory-gb", type=float, nargs="+", default=[24, 16], help="card sizes to plan for")
     plan_parser.add_argument("--algo", default="grpo", choices=("grpo", "ppo"))
+    plan_parser.add_argument("--rollout-weights", default="adapter", choices=("adapter", "merged"),
+                             help="what the rollout samples from (searchr1's --rollout-weights)")
     plan_parser.set_defaults(run=bench_plan)
 
     gpu = commands.add_parser("gpu", help="Qwen2.5-3B in 4-bit + LoRA under a 24 GB cap: rollout tokens/s, "
-                                          "GRPO step by phase, peak memory, steps in 3 hours")
+                                          "a GRPO step by phase, peak memory, the merged copy, steps in 3 hours")
     gpu.add_argument("--tiny", action="store_true",
                      help="the same code on the CPU: a tiny Qwen2, small batch and lengths (seconds)")
-    gpu.add_argument("--questions", type=int, default=None, help="questions a step (default: 64; --tiny: 2)")
+    gpu.add_argument("--phases", nargs="+", choices=GPU_PHASES, default=list(GPU_PHASES),
+                     help="what to measure (default: all): generate (rollout.py vs model.generate on a small chunk), "
+                          "step (one train_step on one rollout chunk), merged (a rollout from the merged copy)")
     gpu.add_argument("--tokens-per-turn", type=int, default=None,
-                     help="tokens forced in each of the 3 turns, = the per-turn budget (default: 500; --tiny: 12)")
+                     help=f"tokens forced in each of the 3 turns, = the per-turn budget (default: "
+                          f"{GPU_SIZES['tokens_per_turn']}; --tiny: {GPU_TINY_SIZES['tokens_per_turn']})")
     gpu.add_argument("--passage-tokens", type=int, default=None,
-                     help="tokens of each of the 3 passages a search returns (default: 130; --tiny: 4)")
+                     help=f"tokens of each of the 3 passages a search returns (default: {GPU_SIZES['passage_tokens']}; "
+                          f"--tiny: {GPU_TINY_SIZES['passage_tokens']})")
+    gpu.add_argument("--compare-questions", type=int, default=None,
+                     help="questions of the generate comparison (default: 1)")
+    gpu.add_argument("--compare-tokens", type=int, default=None,
+                     help=f"tokens a turn in the generate comparison (default: {GPU_SIZES['compare_tokens']}; "
+                          f"--tiny: {GPU_TINY_SIZES['compare_tokens']})")
     gpu.add_argument("--group-size", type=int, default=None,
-                     help="samples per question (default: searchr1's Config; --tiny: 2)")
-    gpu.add_argument("--micro-batch-size", type=int, default=None, help="default: searchr1's Config; --tiny: 2")
+                     help=f"samples per question (default: searchr1's Config; --tiny: {GPU_TINY_SIZES['group_size']})")
+    gpu.add_argument("--micro-batch-size", type=int, default=None,
+                     help=f"default: the memory plan's; --tiny: {GPU_TINY_SIZES['micro_batch_size']}")
     gpu.add_argument("--rollout-batch-size", type=int, default=None,
-                     help="questions per rollout call (default: searchr1's Config; --tiny: 1)")
+                     help=f"questions a rollout call and a bench step (default: the memory plan's; --tiny: "
+                          f"{GPU_TINY_SIZES['rollout_batch_size']})")
     gpu.add_argument("--memory-cap-gb", type=float, default=24, help="usable GPU memory in GiB, a consumer card's")
-    gpu.add_argument("--card-name", default="RTX 4090", help="the consumer card estimated")
-    gpu.add_argument("--card-tbps", type=float, default=1.008, help="its memory bandwidth, TB/s")
-    gpu.add_argument("--card-tflops", type=float, default=165, help="its dense bf16 TFLOPS (FP32 accumulate)")
-    gpu.add_argument("--device-tbps", type=float, default=None,
-                     help="the measured device's bandwidth, TB/s, when bench.CARDS does not know it")
-    gpu.add_argument("--device-tflops", type=float, default=None, help="and its dense bf16 TFLOPS")
     gpu.add_argument("--profile", action="store_true",
                      help="run one more step under torch.profiler and print the ops that take the most time")
     gpu.add_argument("--profile-rows", type=int, default=25, help="ops the profile shows")
@@ -803,7 +795,7 @@ def main(argv: list[str] | None = None):
     gpu.add_argument("--tokenizer", default=str(QWEN_TOKENIZER),
                      help="a tokenizer folder or hub id (default: the project's data/qwen2.5-tokenizer)")
     gpu.add_argument("--workdir", default=None, help="folder for the random checkpoint (6 GB for 3B)")
-    gpu.add_argument("--json", default="", help="also write the results to this JSON file")
+    gpu.add_argument("--json", default="", help="also write the results to this JSON file, after every phase")
     gpu.set_defaults(run=bench_gpu)
 
     args = parser.parse_args(argv)

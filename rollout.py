@@ -1,14 +1,16 @@
 """Chapter 2 — the rollout: a policy that thinks, searches, reads and answers, one batch at a time.
 
-Search-R1 trains on trajectories made like this (README: the reference recipe):
+Search-R1 trains on trajectories made like this (docs/reference.md):
 
     prompt -> the model samples a turn: <think> ... </think> <search> query </search>
            -> the search engine answers: <information> Doc 1(...) ... </information>
            -> the model samples the next turn ... <answer> final answer </answer>
 
-A turn ends when its text contains `</search>` or `</answer>`, at EOS, or after `max_new_tokens`. The
-first `<search>q</search>` or `<answer>a</answer>` in the turn is its action; neither is an invalid
-action, answered by a fixed message. After `max_turns` turns comes one last turn whose search is not run.
+`rollout()` is that loop, top to bottom: the policy writes a turn (`_CachedDecoder.sample_turn`), the
+environment answers it (`act`), until every trajectory has answered or used its turns. A turn ends
+when its text contains `</search>` or `</answer>`, at EOS, or after `max_new_tokens`. The first
+`<search>q</search>` or `<answer>a</answer>` in the turn is its action; neither is an invalid action,
+answered by a fixed message. After `max_turns` turns comes one last turn whose search is not run.
 
 What a trajectory keeps, and the masks
     response_ids  every token after the prompt: sampled turns and observations, interleaved.
@@ -19,26 +21,17 @@ What a trajectory keeps, and the masks
                   reference does, unless --old-logprobs rollout makes it use these (a test checks they
                   equal that pass in float32).
 The sampled tokens are kept exactly as sampled. Stop strings are found in the text of the newest
-tokens — they can span tokens or end inside one (Qwen writes "query</search>\\n" as `query`,`</`,`search`,`>\\n`) — and
-the turn is cut right after the token that completes them; text is never re-tokenized, so each
-log-prob belongs to the very token that will be trained.
+tokens -- they can span tokens or end inside one (Qwen writes "query</search>\\n" as `query`,`</`,
+`search`,`>\\n`) -- and the turn is cut right after the token that completes them; text is never
+re-tokenized, so each log-prob belongs to the very token that will be trained.
 
-The decode loop and its KV cache
-    One batch holds the trajectories of a turn, left-padded; `mask` (A, L) marks the cache slots that
-    hold real tokens (1) and a token's position id is the number of real tokens before it, so padding
-    changes no result. A step is one forward of one token per sequence and one sample; only that
-    step's logits (A, V) ever exist. Each layer's cache lives in a buffer allocated once per turn
-    (`_Slab`), so a step writes its keys and values in place instead of copying the whole cache
-    (Hugging Face's DynamicCache concatenates). A sequence that ends its turn leaves the batch at once:
-    its real cache slots are set aside and a still-sampling row from the end of the batch moves into
-    its place, so finished sequences cost no compute. When the turn is over, the sequences
-    that go on are regrouped into one batch, right-aligned, and only their new tokens (the turn's last
-    sampled token and the observation) are run through the model: the prefix is never computed twice.
+`rollout_plain()` is the same loop on `model.generate`, short and slow; the engine at the bottom of
+the file (`_CachedDecoder`) only makes `rollout()` fast and can be skipped on a first read.
 
 Where this departs from the paper's code, and why
     - The paper's engine (vLLM in veRL) starts generation again every turn and prefills the whole
       history; here one cache is continued (1.8x the tokens/s of re-prefilling with model.generate
-      on the CPU at equal turn lengths, 2.6x when they differ: `python bench.py rollout`, README).
+      on the CPU at equal turn lengths, 2.6x when they differ: `python bench.py rollout`, docs/gpu.md).
     - The paper decodes the responses and tokenizes the text again; here the sampled tokens are kept
       as they are. So an EOS that ends a turn without an action stays in the response (and is trained
       on, loss_mask 1) before the invalid-action message, where the paper's decode drops it.
@@ -50,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -114,12 +109,18 @@ class Trajectory:
     logprobs: list[float] = field(default_factory=list)  # log pi(token) at sampled positions; 0.0 at observations
     text: str = ""  # decode of response_ids
     queries: list[str] = field(default_factory=list)  # the searches that were run, in order
-    n_turns: int = 0  # turns sampled, the last one included
+    turns: list[str] = field(default_factory=list)  # the text of each sampled turn, as the policy wrote it
     answered: bool = False  # the trajectory ended with an <answer> action
+    invalid_actions: int = 0  # turns answered by INVALID_ACTION: neither a search nor an answer
+    cut_turns: int = 0  # turns that used the whole token budget without writing an action
 
     @property
     def n_searches(self) -> int:
         return len(self.queries)
+
+    @property
+    def n_turns(self) -> int:  # turns sampled, the last one included
+        return len(self.turns)
 
 
 def parse_action(text: str) -> tuple[str | None, str]:
@@ -162,12 +163,6 @@ def turn_ends(tokenizer, eos: set[int], budget: int) -> Callable[[list[list[int]
     return turn_over
 
 
-def going_on(tokenizer, cfg: RolloutConfig, turn: int) -> Callable[[list[int]], bool]:
-    """goes_on(turn's ids): does the trajectory go on after this turn? Not after an answer, and not
-    after the last turn (max_turns turns search; the one after them runs no search)."""
-    return lambda ids: turn < cfg.max_turns and parse_action(tokenizer.decode(ids))[0] != "answer"
-
-
 # ============================================================================ the Search-R1 loop
 @torch.inference_mode()
 def rollout(
@@ -194,57 +189,61 @@ def rollout(
         raise ValueError("rollout: every prompt needs at least one token")
     was_training = model.training
     model.eval()  # no dropout while sampling; gradient checkpointing would also switch the cache off
-    decoder = _CachedDecoder(model, pad_id(tokenizer), cfg, logits_hook, generator)
+    decoder = _CachedDecoder(model, pad_id(tokenizer), cfg, len(trajs), max(map(len, prompts)),
+                             logits_hook, generator)
     turn_over = turn_ends(tokenizer, eos_ids(model, tokenizer), cfg.max_new_tokens)
-    unread = {r: list(t.prompt_ids) for r, t in enumerate(trajs)}  # row -> its tokens the model has not read
+    unread = {r: list(t.prompt_ids) for r, t in enumerate(trajs)}  # row -> tokens the model has not read
     for turn in range(cfg.max_turns + 1):
         if not unread:
             break
-        goes_on = going_on(tokenizer, cfg, turn)
-        # the policy writes: every row samples until its turn is over (its cache carried to the next turn)
-        sampled = decoder.sample_turn(unread, turn, turn_over, goes_on)  # row -> (ids, log-probs)
+        # the policy writes: every row samples until its turn is over
+        sampled = decoder.sample_turn(unread, turn, turn_over)  # row -> (ids, log-probs)
         # the environment answers: searches run, invalid actions are told so; answers end a trajectory
-        unread = act(trajs, sampled, goes_on, search, tokenizer, cfg)
+        observations = act(trajs, sampled, turn, search, tokenizer, cfg)
+        # a row that goes on has its turn's last token still to read, then its observation
+        unread = {r: [sampled[r][0][-1]] + obs for r, obs in observations.items()}
     model.train(was_training)
     for t in trajs:
         t.text = tokenizer.decode(t.response_ids)
     return trajs
 
 
-def act(trajs, sampled: dict, goes_on, search, tokenizer, cfg: RolloutConfig) -> dict[int, list[int]]:
-    """Record a turn (loss_mask 1) and answer its actions: every search of the turn in one call to the
-    engine, its passages appended as an observation (loss_mask 0), an invalid action answered by
-    INVALID_ACTION. Returns, for each row that goes on, the tokens the model has not read yet: the
-    turn's last sampled token and the observation."""
-    unread, observations, searching = {}, {}, []
+def act(trajs, sampled: dict, turn: int, search, tokenizer, cfg: RolloutConfig) -> dict[int, list[int]]:
+    """The environment's side of a turn: record what each row sampled (loss_mask 1) and answer its action.
+    An answer ends the trajectory, and so does the last turn (max_turns turns search; the one after
+    them runs no search). Every search of the turn goes to the engine in one call, and its passages are
+    appended as an observation (loss_mask 0); an invalid action is answered by INVALID_ACTION. Returns,
+    for each row that goes on, its observation's token ids."""
+    observations, searching = {}, []
     for r, (ids, logprobs) in sampled.items():
         t = trajs[r]
         t.response_ids += ids
         t.loss_mask += [1] * len(ids)
         t.logprobs += logprobs
-        kind, content = parse_action(tokenizer.decode(ids))
-        t.n_turns += 1
+        text = tokenizer.decode(ids)
+        kind, content = parse_action(text)
+        t.turns.append(text)
         t.answered = kind == "answer"
-        if not goes_on(ids):  # an answer, or the last turn, whose search is not run
+        t.cut_turns += kind is None and len(ids) == cfg.max_new_tokens
+        if kind == "answer" or turn == cfg.max_turns:
             continue
-        unread[r] = [ids[-1]]  # sampled, but not yet run through the model
+        observations[r] = INVALID_ACTION  # until its search's passages replace it
         if kind == "search":
             searching.append(r)
             t.queries.append(content)
         else:
-            observations[r] = INVALID_ACTION
+            t.invalid_actions += 1
     if searching:
         results = search([trajs[r].queries[-1] for r in searching])
         if len(results) != len(searching):
             raise ValueError(f"search returned {len(results)} results for {len(searching)} queries")
         observations.update({r: observation(passages) for r, passages in zip(searching, results)})
     for r, text in observations.items():
-        obs = tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.max_obs_tokens]
-        trajs[r].response_ids += obs
-        trajs[r].loss_mask += [0] * len(obs)
-        trajs[r].logprobs += [0.0] * len(obs)
-        unread[r] += obs
-    return unread
+        observations[r] = tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.max_obs_tokens]
+        trajs[r].response_ids += observations[r]
+        trajs[r].loss_mask += [0] * len(observations[r])
+        trajs[r].logprobs += [0.0] * len(observations[r])
+    return observations
 
 
 # ============================================================================ the plain rollout
@@ -280,7 +279,7 @@ def rollout_plain(model, tokenizer, prompts, search, cfg: RolloutConfig, logits_
             row = new[i].tolist()
             n = next(k for k in range(1, len(row) + 1) if turn_over([row[:k]])[0])  # where its turn is over
             sampled[r] = row[:n], logp[i][:n]
-        going = list(act(trajs, sampled, going_on(tokenizer, cfg, turn), search, tokenizer, cfg))
+        going = list(act(trajs, sampled, turn, search, tokenizer, cfg))
     model.train(was_training)
     for traj in trajs:
         traj.text = tokenizer.decode(traj.response_ids)
@@ -300,28 +299,47 @@ class _Hook(LogitsProcessor):
 # ============================================================================ the engine (you may skip this)
 # How rollout() samples fast: a hand-written decode loop over one KV cache that lives across turns.
 # Nothing here is Search-R1; it only changes the speed (python bench.py rollout), never the tokens.
+#
+# One batch holds the rows of a turn, left-padded. A step is one forward of one token per row and one
+# sample; only that step's logits (A, V) ever exist. Every row's keys and values live in one buffer
+# allocated once per rollout, for the longest trajectory the budgets allow (`_RolloutCache`), so a
+# step writes its keys and values in place instead of copying the whole cache (Hugging Face's
+# DynamicCache concatenates), and the cache is never copied out and back between turns: its memory is
+# exactly what plan.py counts, rows x (prompt + response budget) x kv bytes, once. `mask` marks the
+# slots that hold real tokens (1); a token's position id is the number of real tokens before it, so
+# padding and the slots a row skipped while others sampled change no result.
+# A row whose turn is over leaves the batch at once: it swaps places with a row still sampling from
+# the end of the batch (`_permute`), and the batch's forward covers the first n rows only, so finished
+# rows cost no compute. The next turn brings the rows that go on to the front, in the order their
+# turns ended, and runs only their unread tokens (the last sampled token and the observation) through
+# the model: the prefix is never computed twice.
+
+# transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns from then
+# and goes in 5.40; before 5.24 the new one is swallowed by **kwargs and the cache stays empty)
+CACHE_KEYWORD = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
 
 class _CachedDecoder:
-    """Samples a turn for many rows at once; keeps each going row's cache for the next turn.
+    """Samples turn after turn for the rows of one rollout, over one KV cache that lives across turns."""
 
-    One batch holds the rows of a turn, left-padded; `mask` (A, L) marks the cache slots that hold real
-    tokens (1), and a token's position id is the number of real tokens before it, so padding changes no
-    result. A step is one forward of one token per row and one sample; only that step's logits (A, V)
-    exist. A row whose turn is over leaves the batch at once (compaction); a row that goes on has its
-    real cache slots set aside (parked) and, next turn, only its unread tokens are run through the model.
-    """
-
-    def __init__(self, model, pad: int, cfg: RolloutConfig, logits_hook, generator):
+    def __init__(self, model, pad: int, cfg: RolloutConfig, rows: int, prompt_len: int, logits_hook, generator):
         self.model, self.pad, self.cfg, self.logits_hook, self.generator = model, pad, cfg, logits_hook, generator
         self.device = next(model.parameters()).device
-        self.n_layers = model.config.get_text_config().num_hidden_layers
-        self.parked = {}  # row -> per layer (keys, values) (H, n, D): the real cache slots of a row that goes on
+        # the longest trajectory: the prompt, every turn's tokens, every observation after a search turn
+        capacity = prompt_len + (cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens
+        self.cache = _RolloutCache(model.config.get_text_config().num_hidden_layers, rows, capacity)
+        self.mask = torch.zeros(rows, capacity, dtype=torch.long, device=self.device)  # 1 = a real token's slot
+        self.row_of = list(range(rows))  # buffer row -> the trajectory it holds
 
-    def sample_turn(self, unread: dict[int, list[int]], turn: int, turn_over, goes_on) -> dict:
+    def sample_turn(self, unread: dict[int, list[int]], turn: int, turn_over) -> dict:
         """Rows `unread` (row -> tokens the model has not read) sample one turn each; returns row ->
         (sampled ids, their log-probs), rows in the order their turns ended (the next turn's batch order)."""
-        active = list(unread)
-        cache, mask, logits = self._start_turn(active, unread)
+        active = list(unread)  # the batch, in order: buffer rows 0 .. A-1 are made to hold these rows
+        where = {r: a for a, r in enumerate(self.row_of)}
+        order = active + [r for r in self.row_of if r not in unread]
+        self._permute([where[r] for r in order])
+        ids, ids_mask = _left_pad([unread[r] for r in active], self.pad, self.device)  # (A, P)
+        logits = self._forward(ids, ids_mask)
         sampled, finished, step = {r: ([], []) for r in active}, {}, 0
         while True:
             rows = torch.tensor(active, device=self.device) if self.logits_hook else None
@@ -331,82 +349,93 @@ class _CachedDecoder:
                 sampled[r][0].append(y)
                 sampled[r][1].append(lp)
             done = turn_over([sampled[r][0] for r in active])
-            for a, r in enumerate(active):
-                if not done[a]:
-                    continue
-                finished[r] = sampled[r]
-                if goes_on(sampled[r][0]):  # keep its real cache slots for the next turn
-                    real = mask[a].nonzero().squeeze(1)
-                    self.parked[r] = [(layer.keys[a][:, real], layer.values[a][:, real]) for layer in cache.layers]
+            finished.update((r, sampled[r]) for a, r in enumerate(active) if done[a])
             if all(done):
                 return finished
-            if any(done):  # compact: rows still sampling from the end of the batch fill the holes in front
+            if any(done):  # compact: rows still sampling from the end of the batch swap into the holes
                 n = len(done) - sum(done)
                 tail = [a for a in range(n, len(done)) if not done[a]]
-                keep = [tail.pop() if done[a] else a for a in range(n)]
-                cache.batch_select_indices(torch.tensor(keep, device=self.device))
-                mask, tokens = mask[keep], tokens[keep]
-                active = [active[a] for a in keep]
+                keep = [tail.pop() if done[a] else a for a in range(n)]  # batch row a <- row keep[a]
+                source = list(range(len(self.row_of)))
+                for a, b in enumerate(keep):
+                    source[a], source[b] = b, a
+                self._permute(source)
+                tokens, active = tokens[keep], [active[a] for a in keep]
             step += 1
-            logits, mask = _forward(self.model, cache, mask, tokens[:, None], torch.ones_like(tokens)[:, None])
+            logits = self._forward(tokens[:, None], torch.ones_like(tokens)[:, None])
 
-    def _start_turn(self, active: list[int], unread: dict):
-        """Regroup the rows: their parked cache right-aligned, then prefill their unread tokens.
-        Returns the cache, its mask (A, L) and the next-token logits (A, V)."""
-        ids, ids_mask = _left_pad([unread[r] for r in active], self.pad, self.device)  # (A, P)
-        parked = [self.parked.pop(r, None) for r in active]
-        held = [p[0][0].shape[1] if p else 0 for p in parked]  # tokens each row has in the cache
-        carried = ([[p[layer] for p in parked] for layer in range(self.n_layers)] if any(held)
-                   else [None] * self.n_layers)
-        cache = Cache(layers=[_Slab(max(held) + ids.shape[1] + self.cfg.max_new_tokens, c) for c in carried])
-        mask = _left_pad([[1] * n for n in held], 0, self.device)[1] if any(held) else None  # 1 = real slot
-        logits, mask = _forward(self.model, cache, mask, ids, ids_mask)
-        return cache, mask, logits
+    def _forward(self, ids, ids_mask):
+        """Run new tokens `ids` (A, P) on top of the first A rows' cache: next-token logits (A, V) in fp32."""
+        A, P = ids.shape
+        start = self.cache.length
+        self.mask[:A, start: start + P] = ids_mask
+        mask = self.mask[:A, : start + P]  # (A, L + P), 1 = real token
+        positions = (mask.cumsum(1)[:, -P:] - 1).clamp(min=0)  # position = real tokens before it
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{CACHE_KEYWORD: self.cache})  # the last position's logits only
+        self.cache.length = start + P
+        return out.logits[:, -1].float()
+
+    def _permute(self, source: list[int]) -> None:
+        """Buffer row a takes what row source[a] held (a permutation), one row at a time along each
+        cycle, so the only copy ever made is of one row: the cache is never held twice."""
+        placed = [a == s for a, s in enumerate(source)]
+        for start in range(len(source)):
+            if placed[start]:
+                continue
+            held, a = self._row(start), start  # the first row of the cycle to be overwritten
+            while source[a] != start:
+                self._set_row(a, self._row(source[a]))
+                placed[a], a = True, source[a]
+            self._set_row(a, held)
+            placed[a] = True
+        self.row_of = [self.row_of[s] for s in source]
+
+    def _row(self, a: int):  # a copy of buffer row a: its filled slots in every layer, and its mask
+        filled = self.cache.length
+        return self.cache.kv[:, :, a, :, :filled].clone(), self.mask[a, :filled].clone()
+
+    def _set_row(self, a: int, row) -> None:
+        kv, mask = row
+        self.cache.kv[:, :, a, :, : kv.shape[-2]] = kv
+        self.mask[a, : mask.shape[0]] = mask
+
+
+class _RolloutCache(Cache):
+    """Keys and values of every layer and row of a rollout in one buffer, allocated once:
+    kv (2, layers, rows, kv heads, capacity, head dim), 0 = keys, 1 = values. The first `length`
+    slots are filled; a forward over A rows reads and writes rows 0 .. A-1 (each layer a `_Slab`)."""
+
+    def __init__(self, layers: int, rows: int, capacity: int):
+        super().__init__(layers=[_Slab(self, layer) for layer in range(layers)])
+        self.shape, self.kv, self.length = (layers, rows, capacity), None, 0
+
+    def allocate(self, keys: torch.Tensor) -> None:  # heads, head size and dtype from the model's own keys
+        layers, rows, capacity = self.shape
+        # zeros, not empty: unfilled slots are masked out, but 0 x NaN garbage would still be NaN
+        self.kv = keys.new_zeros(2, layers, rows, keys.shape[-3], capacity, keys.shape[-1])
+
+
 class _Slab(DynamicLayer):
-    """One layer's keys and values in a buffer (A, H, capacity, D) allocated once per turn.
+    """One layer's view of the rollout's buffer: `keys`/`values` are the filled slots of the batch's rows."""
 
-    Hugging Face's DynamicLayer grows by torch.cat, which copies the whole cache at every step; here a
-    step writes its keys and values in place. `keys`/`values` are views of the filled part."""
-
-    def __init__(self, capacity: int, carried: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    def __init__(self, cache: _RolloutCache, layer: int):
         super().__init__()
-        self.capacity = capacity
-        if carried:  # per row, (keys, values) (H, n, D) cached in earlier turns: placed right-aligned
-            held = max(k.shape[1] for k, _ in carried)
-            self._allocate(len(carried), *carried[0])
-            for a, (k, v) in enumerate(carried):
-                self.k_buf[a, :, held - k.shape[1] : held] = k
-                self.v_buf[a, :, held - v.shape[1] : held] = v
-            self._filled(held)
-
-    def _allocate(self, rows, keys, values):  # sizes and dtype from the model's own keys and values
-        # zeros, not empty: padded slots are masked out, but 0 x NaN garbage would still be NaN
-        self.k_buf = keys.new_zeros(rows, keys.shape[-3], self.capacity, keys.shape[-1])
-        self.v_buf = values.new_zeros(rows, values.shape[-3], self.capacity, values.shape[-1])
-        self.is_initialized = True
-        self._filled(0)
-
-    def _filled(self, length):
-        self.length = length
-        self.keys, self.values = self.k_buf[:, :, :length], self.v_buf[:, :, :length]
+        self.cache, self.layer = cache, layer
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:  # first turn
-            self._allocate(key_states.shape[0], key_states, value_states)
-        start = self.length
-        self._filled(start + key_states.shape[-2])
-        self.keys[:, :, start:] = key_states
-        self.values[:, :, start:] = value_states
+        if self.cache.kv is None:
+            self.cache.allocate(key_states)
+        rows, start = key_states.shape[0], self.cache.length
+        end = start + key_states.shape[-2]
+        keys, values = self.cache.kv[0, self.layer, :rows], self.cache.kv[1, self.layer, :rows]  # views
+        keys[:, :, start:end] = key_states
+        values[:, :, start:end] = value_states
+        self.keys, self.values, self.is_initialized = keys[:, :, :end], values[:, :, :end], True
         return self.keys, self.values
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep rows `indices` (new row a = old row indices[a]). Rows that stay in place are not copied;
-        the caller only moves rows from beyond the new batch size, so no source is overwritten first."""
-        moved = (indices != torch.arange(len(indices), device=indices.device)).nonzero().squeeze(1)
-        for buf in (self.k_buf, self.v_buf):
-            buf[moved] = buf[indices[moved]]
-        self.k_buf, self.v_buf = self.k_buf[: len(indices)], self.v_buf[: len(indices)]  # views, no copy
-        self._filled(self.length)
+    def get_seq_length(self) -> int:
+        return self.cache.length
 
 
 def _left_pad(seqs, pad, device):
@@ -418,15 +447,6 @@ def _left_pad(seqs, pad, device):
         ids[a, width - len(s) :] = torch.tensor(s, dtype=torch.long)
         real[a, width - len(s) :] = 1
     return ids.to(device), real.to(device)
-
-
-def _forward(model, cache, mask, ids, ids_mask):
-    """Run new tokens `ids` (A, P) on top of the cache; returns next-token logits (A, V) fp32 and the grown mask."""
-    mask = ids_mask if mask is None else torch.cat([mask, ids_mask], dim=1)  # (A, L + P), 1 = real token
-    positions = (mask.cumsum(1)[:, -ids.shape[1] :] - 1).clamp(min=0)  # position = real tokens before it
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1)  # the last position's logits only
-    return out.logits[:, -1].float(), mask
 
 
 def _sample(logits, cfg, generator, steer):

@@ -33,7 +33,9 @@ def require_python(version=sys.version_info) -> None:
 require_python()
 
 import argparse  # noqa: E402 (after the version check: what follows may need 3.11)
+import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import logging
@@ -84,8 +86,9 @@ WIKI18 = ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz")  # hub dataset, file 
 # query, hence top-1. 80 trajectories a step in mini-batches of 8: 10 optimizer steps a batch, as in
 # the reference. LoRA lr 3e-4: held-out EM reaches 1.0 by step ~5; 1e-3 (right for 2 optimizer steps
 # a batch) drove the KL above 1 and EM fell back to 0.66. The default 2 search turns are the two
-# lookups of a multi-hop question.
-TINY = dict(load_4bit=False, gradient_checkpointing=False, steps=20, batch_size=16, mini_batch_size=8,
+# lookups of a multi-hop question. On the CPU even where a GPU is visible: README's numbers were made
+# in float32 there, and a 0.6M-parameter model gains nothing from a GPU (--device cuda still takes one).
+TINY = dict(device="cpu", load_4bit=False, gradient_checkpointing=False, steps=20, batch_size=16, mini_batch_size=8,
             micro_batch_size=40, lr=3e-4, warmup_ratio=0.0, max_new_tokens=32, topk=1, eval_every=5,
             eval_batch_size=200, save_every=20, critic_lr=3e-3)
 # --model tiny --algo ppo: n = 1, so 80 questions a step sample the same 80 trajectories as GRPO's 16 x 5
@@ -124,9 +127,9 @@ class Config:
     lora_targets: str = opt("all-linear", "modules given adapters: every linear projection, as QLoRA does")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward: ~4x less activation memory")
     # --- GRPO (README: the reference recipe)
-    steps: int = opt(50, "training steps of a run: 50 x 32 x 5 trajectories, ~3 hours on a 24 GB card by "
-                         "arithmetic (README); the reference: 1,005")
-    batch_size: int = opt(32, "questions per step, sized with --steps for ~3 hours (reference: 512 on 8 GPUs)")
+    steps: int = opt(50, "training steps of a run: 50 x 32 x 5 trajectories, 3-5 hours on a 24 GB card by "
+                         "arithmetic (docs/gpu.md); the reference: 1,005")
+    batch_size: int = opt(32, "questions per step, sized with --steps for a run of hours (reference: 512 on 8 GPUs)")
     group_size: int = opt(5, "responses per question, G in the advantage (paper: 5); PPO samples 1")
     mini_batch_size: int = opt(16, "trajectories per optimizer step: 32 x 5 / 16 = 10 steps a batch, the "
                                    "reference's 10 (2,560 / 256)")
@@ -144,6 +147,11 @@ class Config:
     kl_coef: float = opt(0.001, "beta, weight of the low-variance KL to the reference policy")
     entropy_coef: float = opt(0.001, "weight of the entropy bonus in the actor loss (reference: 0.001)")
     mask_observations: bool = opt(True, "retrieved-token masking; --no-mask-observations is the paper's ablation")
+    rollout_weights: str = opt("adapter", "what training's rollout samples from: 'adapter' (the 4-bit base and LoRA "
+                                          "adapter, as the update computes) or 'merged' (a 16-bit copy of the base "
+                                          "with the adapter merged in, made before each rollout and freed after: one "
+                                          "matmul a linear; +2 bytes a weight while it lives, so only where the "
+                                          "memory plan fits it)")
     old_logprobs: str = opt("recompute", "pi_old: 'recompute' (a forward pass after the rollout, as the reference) or "
                                          "'rollout' (the sampler's own log-probs: one pass fewer; in 4-bit they may "
                                          "drift from a fresh pass, which bench.py gpu measures)")
@@ -193,7 +201,7 @@ class Config:
         """Every setting in its range, before any work is done: the first one that is not is a UsageError."""
         for name, allowed in {"chat": ("auto", "yes", "no"), "algo": ("grpo", "ppo"),
                               "dtype": ("auto", "bfloat16", "float16", "float32"),
-                              "old_logprobs": ("recompute", "rollout")}.items():
+                              "old_logprobs": ("recompute", "rollout"), "rollout_weights": ("adapter", "merged")}.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{flag(name)} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -269,17 +277,30 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+# The longest a rank waits at a collective: while rank 0 alone builds wiki-18's index on the first run
+# (21M passages at ~41 s a million: ~15 min) or evaluates (200 greedy questions: minutes on a GPU). NCCL's
+# default, 10 minutes, would end the run there.
+TIMEOUT = datetime.timedelta(hours=1)
+
+
+def backend(device_type: str) -> str:
+    """The process group's backend for ranks computing on `device_type`. On GPUs, NCCL reduces the
+    gradients (CUDA tensors) and gloo the scalar sums and barriers (CPU tensors): NCCL reduces only
+    CUDA tensors, so a group of NCCL alone fails at the first sum of a Python number."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
 def init_distributed(cfg: Config) -> None:
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL between GPUs, gloo on the CPU."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group, the backend for this rank's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         device = pick_device(cfg)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend(device.type), timeout=TIMEOUT)
 
 
 def all_sum(value: float) -> float:
-    """The sum of `value` over the ranks (itself with one process)."""
+    """The sum of `value` over the ranks (itself with one process), through the group's CPU backend."""
     if not dist.is_initialized():
         return value
     total = torch.tensor([float(value)], dtype=torch.float64)
@@ -315,6 +336,7 @@ def memory_plan(cfg: Config, shape: plan.Shape, gb: float, dtype_bytes: int, pro
         adapters=2 if cfg.algo == "ppo" else 1, questions=cfg.batch_size,
         samples_per_question=cfg.samples_per_question, mini_batch_size=cfg.mini_batch_size,
         prompt_tokens=prompt_tokens, response_tokens=response, new_tokens=max(prompt_tokens, cfg.max_obs_tokens + 1),
+        eval_batch_size=cfg.eval_batch_size, rollout_weights=cfg.rollout_weights,
         rollout_batch_size=cfg.rollout_batch_size, micro_batch_size=cfg.micro_batch_size)
 
 
@@ -333,11 +355,11 @@ def fit_to_memory(cfg: Config, model, tokenizer, questions: list[dict], device) 
     if world()[0] == 0:
         tqdm.write(budget.table())
     if not budget.fits:
-        raise UsageError(f"the plan does not fit {gb:g} GB (peak {budget.peak_gb:.1f} GB): lower --rollout-batch-size "
-                         "or --micro-batch-size, or the length budgets (--max-new-tokens, --max-obs-tokens, "
+        raise UsageError(f"the plan does not fit {gb:g} GB (peak {budget.peak_gb:.1f} GB): lower --rollout-batch-size, "
+                         "--micro-batch-size or --eval-batch-size, or the length budgets (--max-new-tokens, --max-obs-tokens, "
                          "--max-turns), or use a card with more memory")
     return dataclasses.replace(cfg, rollout_batch_size=budget.rollout_batch_size,
-                               micro_batch_size=budget.micro_batch_size)
+                               micro_batch_size=budget.micro_batch_size, rollout_weights=budget.rollout_weights)
 
 
 def pick_dtype(cfg: Config, device: torch.device) -> tuple[torch.dtype, str]:
@@ -348,7 +370,7 @@ def pick_dtype(cfg: Config, device: torch.device) -> tuple[torch.dtype, str]:
     if device.type != "cuda":
         return torch.float32, "the CPU computes in float32"
     name = torch.cuda.get_device_name(device)
-    if torch.cuda.is_bf16_supported():
+    if torch.cuda.is_bf16_supported(including_emulation=False):  # T4, V100, RTX 20xx only emulate it
         return torch.bfloat16, f"{name} has bfloat16"
     return torch.float16, f"{name} has no bfloat16: float16, with loss scaling against underflow"
 
@@ -373,8 +395,9 @@ def load_policy(cfg: Config, device: torch.device):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # activation_checkpointing_enable from transformers 5.23; the old name warns
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft asks transformers a question it has deprecated: not ours to fix
@@ -383,6 +406,57 @@ def load_policy(cfg: Config, device: torch.device):
     if cfg.algo == "ppo":  # the critic: a second adapter and a value head on the same base (ppo.py)
         add_critic(model)
     return tokenizer, model
+
+
+def merged_copy(model, dtype: torch.dtype):
+    """A plain copy of the policy in the compute dtype for sampling, the adapter merged in:
+    W = dequantize(W_nf4) + (alpha / r) B A for every linear, so a decode step runs one matmul a linear
+    instead of a dequantize, the 4-bit matmul and two LoRA matmuls. The embeddings, norms and output
+    layer are the policy's own tensors, shared, not copied."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+    policy = grpo.causal_lm(model)
+    weights, merged = dict(policy.state_dict()), []
+    for name, module in policy.named_modules():
+        adapted = isinstance(module, LoraLayer)
+        base = module.get_base_layer() if adapted else module
+        quantized = hasattr(getattr(base, "weight", None), "quant_state")
+        if any(name.startswith(done + ".") for done in merged) or not (adapted or quantized):
+            continue
+        weight = base.weight
+        if quantized:  # NF4, unpacked to the compute dtype as its own matmul unpacks it
+            import bitsandbytes.functional
+            weight = bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)
+        if adapted:
+            weight = weight + module.get_delta_weight(model.active_adapter).to(weight.dtype)  # + (alpha / r) B A
+        weights = {key: value for key, value in weights.items() if not key.startswith(name + ".")}
+        weights[name + ".weight"] = weight.to(dtype)
+        if base.bias is not None:
+            weights[name + ".bias"] = base.bias
+        merged.append(name)
+    with torch.device("meta"):  # no memory until the weights are put in
+        copy = AutoModelForCausalLM.from_config(policy.config, dtype=dtype)
+    copy.load_state_dict(weights, assign=True)
+    for name, buffer in policy.named_buffers():  # RoPE's frequencies are not in the state dict
+        module, _, key = name.rpartition(".")
+        copy.get_submodule(module)._buffers[key] = buffer
+    copy.generation_config = policy.generation_config  # the EOS ids a turn ends at
+    return copy.eval()
+
+
+@contextlib.contextmanager
+def sampling_model(model, cfg: Config, device):
+    """What the rollout samples from (--rollout-weights): the policy itself, or its merged copy, freed after."""
+    if cfg.rollout_weights == "adapter":
+        yield model
+        return
+    copy = merged_copy(model, pick_dtype(cfg, device)[0])
+    try:
+        yield copy
+    finally:
+        del copy
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # give the copy's memory back for the update
 
 
 def uses_chat_template(cfg: Config, tokenizer) -> bool:
@@ -470,8 +544,9 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
     model.eval()
     chat = uses_chat_template(cfg, tokenizer)
     prompts = [build_prompt(q["question"], tokenizer, chat) for q in questions]
-    trajectories = [t for chunk in cut(prompts, cfg.rollout_batch_size)   # chunks bound the KV cache
-                    for t in rollout(model, tokenizer, chunk, search, cfg.rollout_config())]
+    with sampling_model(model, cfg, device) as sampler:
+        trajectories = [t for chunk in cut(prompts, cfg.rollout_batch_size)   # chunks bound the KV cache
+                        for t in rollout(sampler, tokenizer, chunk, search, cfg.rollout_config())]
     t_rollout = clock(device)
     # 2. reward: r = EM(extracted answer, golden answers), 1 or 0
     golden = [q["golden_answers"] for q in questions for _ in range(cfg.samples_per_question)]
@@ -487,9 +562,13 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
         for mini in cut(list(zip(trajectories, advantages)), cfg.mini_batch_size):
             updates.append([pack([t for t, _ in chunk], torch.stack([a for _, a in chunk]), pad,
                                  cfg.mask_observations, device) for chunk in cut(mini, cfg.micro_batch_size)])
+        drift = []  # |log pi_sampler - log pi_old| a sampled token: what --old-logprobs rollout would change
         for batch in (batch for mini_batch in updates for batch in mini_batch):
             if cfg.old_logprobs == "recompute":  # else keep the rollout's: one forward pass fewer
-                batch.old_logp = batch_logprobs(model, batch, cfg.temperature)              # (b, R)
+                recomputed = batch_logprobs(model, batch, cfg.temperature)                   # (b, R)
+                if cfg.mask_observations:  # loss_mask = the sampled tokens, whose log-probs the sampler kept
+                    drift.append((recomputed - batch.old_logp)[batch.loss_mask.bool()].abs())
+                batch.old_logp = recomputed
             with model.disable_adapter():
                 batch.ref_logp = batch_logprobs(model, batch, cfg.temperature)
     batches = [batch for mini_batch in updates for batch in mini_batch]
@@ -534,6 +613,8 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
              "response_len": per_trajectory(len(t.response_ids) for t in trajectories),
              **{key: all_sum(value) / max(n_trained, 1) for key, value in sums.items()}, **batch_stats,
              "grad_norm": sum(grad_norms) / len(grad_norms),
+             **({"logp_drift": all_sum(torch.cat(drift).sum().item()) / max(n_trained, 1),
+                 "logp_drift_max": torch.cat(drift).max().item()} if drift else {}),
              # seconds by phase: rollout; reward, pi_old and pi_ref log-probs (PPO: and critic values);
              # optimisation
              "rollout_s": t_rollout - t0, "logprob_s": t_logprob - t_rollout, "update_s": t_end - t_logprob,
@@ -644,7 +725,7 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval", "metrics.p
 # same work is cut for memory. Any other difference changes what the run computes.
 RESUMABLE = {"steps", "resume", "overwrite", "out_dir", "save_every", "keep_checkpoints", "eval_every",
              "eval_batch_size", "rollout_batch_size", "micro_batch_size", "samples", "device", "index_dir",
-             "search_url"}
+             "search_url", "rollout_weights"}
 
 
 def check_run_folder(run: Path, cfg: Config, derived: tuple = ()) -> None:
@@ -773,11 +854,8 @@ def train(cfg: Config) -> dict:
                 if stop:
                     break
                 continue
-            if step == start:  # the time plan, from the step just measured
-                left = (cfg.steps - start - 1) * stats["step_s"]
-                tqdm.write(f"time plan: a step takes {stats['step_s'] / 60:.1f} min (rollout {stats['rollout_s']:.0f} s, "
-                           f"log-probs {stats['logprob_s']:.0f} s, update {stats['update_s']:.0f} s): ~{left / 3600:.1f} h "
-                           f"more for the {cfg.steps - start - 1} steps left, evaluations not counted")
+            if step == start:
+                tqdm.write(time_plan(stats, cfg, start, len(questions)))
             row["peak_mem_gb"] = peak_memory_gb(device)
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
                 predictions = evaluate(model, tokenizer, eval_qs, search, cfg)
@@ -799,6 +877,22 @@ def train(cfg: Config) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     return result
+
+
+def time_plan(stats: dict, cfg: Config, start: int, questions: int) -> str:
+    """What the rest of the run takes, from its first step: every step as long as that one, and each
+    evaluation as long as its rollout calls (one per eval_batch_size questions), a call taken to cost
+    what one of the step's rollout calls cost -- decoding is bound by the kernels launched a token,
+    not by the rows in the batch."""
+    calls = -(-questions // cfg.rollout_batch_size)
+    evals = sum(1 for s in range(start + 1, cfg.steps + 1) if (cfg.eval_every and s % cfg.eval_every == 0)
+                or s == cfg.steps)
+    eval_s = -(-cfg.eval_size // cfg.eval_batch_size) * stats["rollout_s"] / calls
+    left = (cfg.steps - start - 1) * stats["step_s"] + evals * eval_s
+    return (f"time plan: a step takes {stats['step_s'] / 60:.1f} min (rollout {stats['rollout_s']:.0f} s in {calls} "
+            f"call{'s' * (calls > 1)} of up to {cfg.rollout_batch_size} questions, log-probs {stats['logprob_s']:.0f} s, "
+            f"update {stats['update_s']:.0f} s), an evaluation ~{eval_s / 60:.1f} min: ~{left / 3600:.1f} h more for "
+            f"the {cfg.steps - start - 1} steps and {evals} evaluation{'s' * (evals != 1)} left")
 
 
 def run_tiny(cfg: Config, task=None) -> dict:

@@ -6,6 +6,7 @@ rollout.py, grpo.py, ppo.py, eval.py, training (searchr1.py), the commands, sear
 import copy
 import dataclasses
 import functools
+import gc
 import gzip
 import http.client
 import http.server
@@ -68,9 +69,9 @@ def random_qwen2(vocab_size=128, seed=0, **overrides):
     """A random-weight Qwen2 small enough for the CPU, built from a config (no download)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True, **overrides)
+    config = Qwen2Config(**{**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, tie_word_embeddings=True), **overrides})
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -500,6 +501,7 @@ def test_observation_and_passages_are_laid_out_as_the_reference_does():
         '\n\n<information>Doc 1(Title: "Paul Walker") an actor\nDoc 2(Title: Cars) a film\nof 2006</information>\n\n')
 
 
+@pytest.mark.floor
 def test_search_then_answer_gives_exact_tokens_text_and_loss_mask(tok, model):
     turn0 = [ids(tok, f" <think> hm </think> <search> q{r} </search>") for r in range(4)]
     turn1 = ids(tok, " <answer> y </answer>")
@@ -519,6 +521,7 @@ def test_search_then_answer_gives_exact_tokens_text_and_loss_mask(tok, model):
         assert all(lp < 0.0 for lp, m in zip(t.logprobs, t.loss_mask) if m == 1)
 
 
+@pytest.mark.floor
 def test_turn_without_action_gets_the_invalid_action_message(tok, model):
     assert INVALID_ACTION == REFERENCE_INVALID
     answer = ids(tok, " <answer> y </answer>")
@@ -533,6 +536,7 @@ def test_turn_without_action_gets_the_invalid_action_message(tok, model):
     assert (t.n_searches, t.n_turns, t.answered) == (0, 2, True)
 
 
+@pytest.mark.floor
 def test_eos_ends_the_turn_and_is_kept_as_a_sampled_token(tok, model):
     eos = tok.eos_token_id
     turn0 = ids(tok, " maybe") + [eos] + ids(tok, " never sampled")
@@ -546,6 +550,7 @@ def test_eos_ends_the_turn_and_is_kept_as_a_sampled_token(tok, model):
     assert (t.n_turns, t.answered) == (2, True)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("max_turns", [0, 1])
 def test_last_turn_after_max_turns_runs_no_search(tok, model, max_turns):
     search_turn = ids(tok, " <search> x </search>")
@@ -559,6 +564,7 @@ def test_last_turn_after_max_turns_runs_no_search(tok, model, max_turns):
     assert (t.n_searches, t.n_turns, t.answered, t.queries) == (max_turns, max_turns + 1, False, ["x"] * max_turns)
 
 
+@pytest.mark.floor
 def test_stop_string_ending_inside_a_token_cuts_right_after_that_token(tok, model):
     turn0 = ids(tok, "<search>query</search>\n") + ids(tok, " after the stop")
     assert tok.decode(turn0[6]) == ">\n"  # Qwen: `</`, `search`, `>\n` — the stop ends inside the last token
@@ -601,26 +607,42 @@ def test_stop_strings_found_by_the_token_table_are_the_ones_decoding_finds(tok):
             assert turn_over([prefix]) == [expected], tok.convert_ids_to_tokens(prefix[-9:])
 
 
-def test_the_memory_plans_kv_cache_is_what_the_rollout_allocates(tok, model, monkeypatch):
-    """plan.py's rollout term counts rows x (prompt + response budget) x kv bytes a token; a rollout whose
-    turns and observations all run to their budgets allocates exactly that in its last turn."""
+def live_kv_bytes(config) -> int:
+    """Bytes of every live tensor that holds keys or values of `config`'s shape (..., kv heads, slots,
+    head dim): the cache, and any copy of a piece of it, counted once per storage."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    storages = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.dim() >= 3 and obj.shape[-1] == head_dim \
+                and obj.shape[-3] == config.num_key_value_heads and obj.is_floating_point():
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.floor
+def test_the_rollout_never_holds_more_kv_cache_than_the_memory_plan_counts(tok, model):
+    """plan.py's rollout term is rows x (prompt + response budget) x kv bytes a token. Live keys and
+    values, counted as every layer starts its forward, through a rollout whose turns and observations
+    all run to their budgets: their peak is that term, never a second copy at a turn boundary."""
     turn = ids(tok, " <search> q </search>")
     cfg = rollout_cfg(max_turns=2, max_new_tokens=len(turn), max_obs_tokens=20, temperature=0.0, n_samples=2)
-    allocated = []  # bytes of each turn's cache, all layers
-    real_allocate = rollout_chapter._Slab._allocate
-    def allocate(slab, rows, keys, values):
-        real_allocate(slab, rows, keys, values)
-        allocated.append(slab.k_buf.nbytes + slab.v_buf.nbytes)
-    monkeypatch.setattr(rollout_chapter._Slab, "_allocate", allocate)
+    gc.collect()  # what earlier tests left in reference cycles, then what still lives, is not this rollout's
+    before, peaks = live_kv_bytes(model.config), []
+    hooks = [layer.register_forward_pre_hook(lambda *_: peaks.append(live_kv_bytes(model.config) - before))
+             for layer in model.model.layers]
     prompts = prompts_for(tok, ["a b c", "d e f"])
     search = lambda queries: ["Doc 1(Title: T) " + "word " * 50] * len(queries)  # cut at 20 tokens
-    (t, *_) = rollout(model, tok, prompts, search, cfg, logits_hook=forcing([[turn] * 3] * 4))
+    try:
+        (t, *_) = rollout(model, tok, prompts, search, cfg, logits_hook=forcing([[turn] * 3] * 4))
+    finally:
+        for hook in hooks:
+            hook.remove()
     assert t.loss_mask.count(0) == 2 * cfg.max_obs_tokens and t.loss_mask.count(1) == 3 * len(turn)
     response = (cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens
-    rows, layers = 4, model.config.num_hidden_layers
-    shape = plan.Shape.of(model.config)
-    expected = rows * (max(map(len, prompts)) + response) * shape.kv_bytes_per_token(4)  # float32 on the CPU
-    assert sum(allocated[-layers:]) == expected
+    planned = plan.phase_bytes(plan.Shape.of(model.config), load_4bit=False, dtype_bytes=4, lora_rank=1,
+                               adapters=1, rollout_rows=4, micro_batch=1, prompt_tokens=max(map(len, prompts)),
+                               response_tokens=response, new_tokens=1)["kv_cache"]
+    assert 0.9 * planned <= max(peaks) <= planned
 
 
 def test_the_memory_plan_of_qwen25_3b_fits_16_and_24_gb_cards_and_keeps_a_size_it_is_given():
@@ -641,8 +663,21 @@ def test_the_memory_plan_of_qwen25_3b_fits_16_and_24_gb_cards_and_keeps_a_size_i
         assert bigger.peak_gb > 0.8 * gb or bigger.rollout_batch_size > cfg.batch_size
     assert plan.memory_plan(qwen, 24, **sizes, micro_batch_size=3).micro_batch_size == 3  # a flag wins
     assert not plan.memory_plan(qwen, 3, **sizes).fits
+    # --rollout-weights merged: the rollout phase holds a 16-bit copy of every linear weight beside its chunk
+    adapter = plan.memory_plan(qwen, 24, **sizes)
+    merged = plan.memory_plan(qwen, 24, **sizes, rollout_weights="merged")
+    copy_gb = 36 * sum(n_in * n_out for n_in, n_out in qwen.linears()) * 2 / 2**30
+    same_chunk = plan.memory_plan(qwen, 24, **sizes, rollout_weights="merged",
+                                  rollout_batch_size=adapter.rollout_batch_size)
+    unpacked_gb = 2048 * 11008 * 2 / 2**30  # the adapter path's one weight unpacked at a time, which it needs no more
+    assert same_chunk.terms["rollout"] - adapter.terms["rollout"] == pytest.approx(copy_gb - unpacked_gb)
+    assert merged.rollout_weights == "merged" and merged.fits
+    assert merged.rollout_batch_size < adapter.rollout_batch_size
+    too_small = plan.memory_plan(qwen, 8, **sizes, rollout_weights="merged")   # 5.1 GB of copy: no room
+    assert too_small.rollout_weights == "adapter" and "does not fit" in too_small.note
 
 
+@pytest.mark.floor
 def test_logprobs_equal_a_fresh_full_forward_pass(tok, model):
     prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth", "when did it happen"])
     cfg = rollout_cfg(max_turns=2, max_new_tokens=14, max_obs_tokens=40, temperature=0.8, n_samples=2)
@@ -659,6 +694,7 @@ def test_logprobs_equal_a_fresh_full_forward_pass(tok, model):
         assert all(lp == 0.0 for lp in torch.tensor(t.logprobs)[~sampled].tolist())
 
 
+@pytest.mark.floor
 def test_greedy_batch_equals_each_prompt_rolled_out_alone(tok, model):
     prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth", "when did it happen", "why"])
     plans = mixed_plans(tok, 4)
@@ -670,6 +706,7 @@ def test_greedy_batch_equals_each_prompt_rolled_out_alone(tok, model):
         torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(together.logprobs), atol=1e-5, rtol=0)
 
 
+@pytest.mark.floor
 def test_the_plain_rollout_makes_the_cached_rollouts_trajectories_under_greedy_decoding(tok, model):
     prompts = prompts_for(tok, ["who", "what is the tallest mountain on earth", "when did it happen", "why"])
     plans = mixed_plans(tok, 4)  # searches, answers, invalid actions and free (model-chosen) tokens
@@ -710,6 +747,7 @@ def test_tiny_top_p_samples_the_most_likely_token(tok, model):
     assert [t.response_ids for t in nucleus] == [t.response_ids for t in greedy]
 
 
+@pytest.mark.floor
 def test_turn_and_token_budgets_hold_and_observations_are_truncated(tok, model):
     cfg = rollout_cfg(max_turns=2, max_new_tokens=9, max_obs_tokens=11, temperature=1.0, n_samples=3)
     search = ids(tok, " <search> x </search>")
@@ -837,6 +875,7 @@ def test_micro_batching_does_not_change_the_mini_batch_gradient():
     assert torch.allclose(parts_grad, whole_grad)
 
 
+@pytest.mark.floor
 def test_token_logprobs_of_a_padded_batch_equal_each_sequence_alone():
     model = random_qwen2()
     g = torch.Generator().manual_seed(0)
@@ -872,6 +911,7 @@ def through_chunks(seed: int, pick, **settings):
     return model, input_ids, results
 
 
+@pytest.mark.floor
 def test_chunked_logprobs_give_the_same_values_and_gradients_as_one_chunk():
     _, _, ((chunked, chunked_grads), (whole, whole_grads)) = through_chunks(1, lambda logp: logp)
     assert torch.allclose(chunked, whole, atol=1e-6)
@@ -1084,6 +1124,7 @@ def ppo_config(model_dir, folder, **overrides):
                        **overrides)
 
 
+@pytest.mark.floor
 def test_loading_the_4bit_policy_on_the_cpu_prints_no_warning(tiny_model_dir):
     code = ("import torch, searchr1; cfg = searchr1.Config(model=%r, device='cpu'); "
             "tokenizer, model = searchr1.load_policy(cfg, torch.device('cpu')); "
@@ -1095,6 +1136,44 @@ def test_loading_the_4bit_policy_on_the_cpu_prints_no_warning(tiny_model_dir):
     assert printed == []
 
 
+def saved_for_backward_per_token(layer, hidden_states, position_embeddings, frozen: set[int]) -> float:
+    """Bytes autograd keeps for one decoder layer's backward, per token (saved-tensor hooks): every saved
+    tensor counted once per storage, less the frozen weights and the layer's input (a checkpoint)."""
+    saved = {}
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in frozen:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+    B, T, _ = hidden_states.shape
+    positions = torch.arange(T)[None].expand(B, T)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(hidden_states, attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)
+    return sum(saved.values()) / (B * T)
+
+
+@pytest.mark.floor
+@pytest.mark.parametrize("hidden,intermediate,rank", [(64, 176, 8), (96, 200, 4)])
+def test_the_update_terms_saved_activations_are_what_autograd_keeps_for_a_4bit_lora_layer(
+        hidden, intermediate, rank, tmp_path):
+    """plan.Shape.saved_bytes_per_token, the recomputed layer of the update term, against what the training
+    path's layer (NF4 base, LoRA on every projection, bfloat16 compute) saves for its backward."""
+    random_qwen2(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(tmp_path)
+    cfg = searchr1.Config(model=str(tmp_path), device="cpu", dtype="bfloat16", lora_r=rank,
+                          gradient_checkpointing=False)
+    _, policy = searchr1.load_policy(cfg, torch.device("cpu"))
+    policy.train()
+    decoder = grpo.causal_lm(policy).model
+    x = torch.randn(3, 40, hidden, dtype=torch.bfloat16, requires_grad=True)
+    frozen = {t.untyped_storage().data_ptr() for t in [*policy.parameters(), *policy.buffers(), x]}
+    rotary = decoder.rotary_emb(x, torch.arange(40)[None].expand(3, 40))
+    measured = saved_for_backward_per_token(decoder.layers[0], x, rotary, frozen)
+    planned = plan.Shape.of(policy.config).saved_bytes_per_token(rank, dtype_bytes=2)
+    assert measured <= planned <= 1.1 * measured
+
+
+@pytest.mark.floor
 def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base_as_reference(
         tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_model_dir, tmp_path)
@@ -1136,6 +1215,7 @@ def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base
 
 @pytest.mark.parametrize("mini_batch_size, micro_batches, optimizer_steps", [
     (8, [3, 3, 2], 1), (4, [3, 1, 3, 1], 2), (3, [3, 3, 2], 3), (2, [2, 2, 2, 2], 4)])
+@pytest.mark.floor
 def test_each_mini_batch_of_trajectories_is_one_optimizer_step_cut_into_micro_batches(
         mini_batch_size, micro_batches, optimizer_steps, tiny_model_dir, tmp_path, monkeypatch):
     # 2 questions x 4 = 8 trajectories a step, micro-batches of 3 (tiny_config)
@@ -1178,6 +1258,7 @@ def _two_rank_child(rank: int, model_dir: str, folder: str, port: int):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.floor
 def test_two_ranks_take_the_optimizer_step_one_process_takes_and_only_rank_0_writes(tiny_model_dir, tmp_path,
                                                                                    monkeypatch):
     """torchrun's data parallelism on the CPU (gloo): each rank rolls out half the questions, the token
@@ -1213,6 +1294,55 @@ def test_two_ranks_take_the_optimizer_step_one_process_takes_and_only_rank_0_wri
         assert rows[0][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.floor
+def test_sampling_from_the_merged_copy_gives_the_adapters_greedy_tokens_and_log_probs(tiny_model_dir):
+    """--rollout-weights merged: W = dequantize(W_nf4) + (alpha / r) B A in one plain weight samples what
+    the 4-bit base with its unmerged adapter samples, and shares the embeddings and norms with it."""
+    cfg = searchr1.Config(model=str(tiny_model_dir), device="cpu")
+    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: B != 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    prompts = prompts_for(tokenizer, ["who", "what is the tallest mountain on earth", "when did it happen"])
+    cfg_rollout = rollout_cfg(max_turns=1, max_new_tokens=12, max_obs_tokens=10, temperature=0.0, n_samples=1)
+    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+    adapter = rollout(model, tokenizer, prompts, search, cfg_rollout)
+    with searchr1.sampling_model(model, dataclasses.replace(cfg, rollout_weights="merged"), torch.device("cpu")) as copy:
+        assert not any("lora" in name for name, _ in copy.named_parameters())
+        shared = {p.data_ptr() for p in model.parameters()}
+        assert copy.get_input_embeddings().weight.data_ptr() in shared
+        merged = rollout(copy, tokenizer, prompts, search, cfg_rollout)
+    with model.disable_adapter():  # the base alone, B A left out
+        base = rollout(model, tokenizer, prompts, search, cfg_rollout)
+    assert [t.response_ids for t in merged] == [t.response_ids for t in adapter]
+    for a, b, c in zip(adapter, merged, base):
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-4, rtol=0)
+        assert (torch.tensor(c.logprobs[:3]) - torch.tensor(a.logprobs[:3])).abs().max() > 1e-3  # B A counts
+
+
+def test_on_gpus_the_scalar_sums_and_barriers_go_through_a_backend_that_serves_cpu_tensors(tmp_path):
+    """NCCL reduces only CUDA tensors, so a group of NCCL alone fails at the first sum of a Python number
+    (a gloo group that serves CUDA tensors only stands in for it here). The group made for GPU ranks has
+    a CPU backend beside NCCL (here gloo for both), and the sums and barriers go through it."""
+    def group(backend: str, name: str):
+        store = torch.distributed.FileStore(str(tmp_path / name), 1)
+        torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
+    group("cuda:gloo", "nccl-alone")
+    try:
+        with pytest.raises(RuntimeError, match="cpu"):
+            searchr1.all_sum(2.5)
+    finally:
+        torch.distributed.destroy_process_group()
+    group(searchr1.backend("cuda").replace("nccl", "gloo"), "gpu-ranks")
+    try:
+        assert searchr1.all_sum(2.5) == 2.5
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_a_tokenizer_without_a_pad_token_trains_as_llama3s_does(tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False)
     tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
@@ -1226,6 +1356,7 @@ def test_a_tokenizer_without_a_pad_token_trains_as_llama3s_does(tiny_model_dir, 
     assert stats["reward"] == 0.5 and math.isfinite(stats["policy_loss"])
 
 
+@pytest.mark.floor
 def test_old_logprobs_from_the_rollout_save_one_pass_and_give_the_recomputed_loss(tiny_model_dir, tmp_path,
                                                                                   monkeypatch):
     """--old-logprobs rollout trains with the log-probs the sampler recorded: one forward pass a
@@ -1255,8 +1386,9 @@ def test_old_logprobs_from_the_rollout_save_one_pass_and_give_the_recomputed_los
 def test_the_compute_dtype_follows_the_device_and_a_flag_overrides_it(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert searchr1.pick_dtype(searchr1.Config(), cpu)[0] == torch.float32
+    # a T4 (compute capability 7.5) emulates bfloat16: torch's check says yes unless emulation is left out
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     dtype, why = searchr1.pick_dtype(searchr1.Config(), cuda)
     assert dtype == torch.float16 and "Tesla T4 has no bfloat16" in why and "loss scaling" in why
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
@@ -1265,6 +1397,7 @@ def test_the_compute_dtype_follows_the_device_and_a_flag_overrides_it(monkeypatc
     assert searchr1.pick_dtype(searchr1.Config(dtype="float32"), cuda) == (torch.float32, "--dtype float32")
 
 
+@pytest.mark.floor
 def test_a_float16_step_scales_its_loss_and_keeps_the_adapter_and_optimizer_in_float32(
         tiny_model_dir, tmp_path, monkeypatch):
     """What the CPU can check of the float16 path (T4, V100): the base computes in float16, LoRA
@@ -1291,6 +1424,16 @@ def test_a_float16_step_scales_its_loss_and_keeps_the_adapter_and_optimizer_in_f
     assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
 
 
+def test_the_time_plan_counts_every_step_left_and_each_evaluation_by_its_rollout_calls():
+    """After the first step: 49 more steps of 120 s, and evaluations at steps 25 and 50, each 7 greedy
+    calls (200 questions in batches of 32) as long as one of the step's 2 rollout calls (30 s)."""
+    stats = {"step_s": 120.0, "rollout_s": 60.0, "logprob_s": 25.0, "update_s": 35.0}
+    cfg = searchr1.Config(rollout_batch_size=27)
+    text = searchr1.time_plan(stats, cfg, start=0, questions=32)
+    assert "rollout 60 s in 2 calls of up to 27 questions" in text and "an evaluation ~3.5 min" in text
+    assert text.endswith("~1.8 h more for the 49 steps and 2 evaluations left")  # (49 x 120 + 2 x 210) / 3600
+
+
 def test_the_critic_warms_up_over_its_own_shorter_share_of_the_steps():
     cfg = searchr1.Config(steps=1000, warmup_ratio=0.285, critic_warmup_ratio=0.015)  # 285 and 15 steps
     actor, critic = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
@@ -1307,6 +1450,7 @@ def test_the_critic_warms_up_over_its_own_shorter_share_of_the_steps():
     assert searchr1.make_scheduler(grpo_only, cfg, cfg.steps).get_last_lr() == pytest.approx([1 / 285])
 
 
+@pytest.mark.floor
 def test_a_ppo_step_changes_only_the_two_adapters_and_the_value_head(tiny_model_dir, tmp_path, monkeypatch):
     cfg = ppo_config(tiny_model_dir, tmp_path)
     assert cfg.samples_per_question == 1  # --algo ppo: one response per question
@@ -1355,6 +1499,7 @@ def straight_and_resumed_runs(straight, crashed, monkeypatch):
     (ppo_config, ("reward", "policy_loss", "value_loss", "explained_variance", "value_clip_frac", "kl", "grad_norm"),
      ("adapter_model.safetensors", "critic/adapter_model.safetensors", "value_head.safetensors")),
 ], ids=["grpo", "ppo"])
+@pytest.mark.floor
 def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(make_config, logged, saved, tiny_model_dir,
                                                                        tmp_path, monkeypatch):
     """Killed in its second step and resumed, a run logs and saves what the uninterrupted run does:
@@ -1388,6 +1533,25 @@ def finished_run(tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False, samples=2)
     searchr1.train(cfg)
     return cfg
+
+
+@pytest.mark.floor
+def test_export_merges_a_runs_adapter_into_a_plain_model_that_samples_the_adapters_greedy_tokens(finished_run,
+                                                                                                 tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "merged"
+    argv = ["export", "--model", finished_run.model, "--adapter", finished_run.out_dir, "--out", str(out),
+            "--device", "cpu", "--dtype", "float32"]
+    assert searchr1.main(argv) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)  # a plain transformers model: no peft, no adapter
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    tokenizer, adapted = searchr1.load_agent(finished_run, finished_run.out_dir, torch.device("cpu"))
+    prompts = prompts_for(tokenizer, ["question 0", "question 1"])
+    greedy = finished_run.rollout_config(greedy=True)
+    search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
+    by_adapter = rollout(adapted, tokenizer, prompts, search, greedy)
+    by_merged = rollout(merged, tokenizer, prompts, search, greedy)
+    assert [t.response_ids for t in by_merged] == [t.response_ids for t in by_adapter]
 
 
 def test_a_folder_that_holds_a_run_is_never_overwritten_without_resume_or_overwrite(finished_run):
@@ -1454,16 +1618,18 @@ def test_samples_show_what_the_policy_wrote_and_what_the_search_returned_and_eac
     assert len(saved["predictions"]) == finished_run.eval_size and "response" in saved["predictions"][0]
 
 
-def test_bench_gpu_tiny_times_a_real_grpo_step_on_the_forced_script_and_prints_the_full_table(monkeypatch, capsys):
-    results = []  # main() dispatches to bench.bench_gpu; keep what it returns
-    real_bench_gpu = bench.bench_gpu
+def test_bench_gpu_tiny_times_a_real_grpo_step_and_the_merged_copy_and_writes_each_phase_as_it_ends(
+        monkeypatch, capsys, tmp_path):
+    results, written = [], []  # main() dispatches to bench.bench_gpu; keep what it returns and each JSON write
+    real_bench_gpu, real_write = bench.bench_gpu, searchr1.write_atomic
     monkeypatch.setattr(bench, "bench_gpu", lambda args: results.append(real_bench_gpu(args)))
-    # 2 questions x 2 samples in rollout chunks of 1 question, 3 turns of 12 forced tokens; a made-up
-    # measured device (0.5 TB/s, 10 TFLOPS) so the consumer-card estimate is computed too
-    monkeypatch.setattr(sys, "argv", ["bench.py", "gpu", "--tiny", "--questions", "2", "--group-size", "2",
-                                      "--rollout-batch-size", "1", "--tokens-per-turn", "12",
-                                      "--device-tbps", "0.5", "--device-tflops", "10",
-                                      "--profile", "--profile-rows", "5"])
+    def write(path, text):
+        written.append(list(json.loads(text)["phases"]))
+        real_write(path, text)
+    monkeypatch.setattr(searchr1, "write_atomic", write)
+    # one rollout chunk of 2 questions x 2 samples, 3 turns of 12 forced tokens
+    monkeypatch.setattr(sys, "argv", ["bench.py", "gpu", "--tiny", "--profile", "--profile-rows", "5",
+                                      "--json", str(tmp_path / "gpu.json")])
     threads = torch.get_num_threads()
     try:
         bench.main()
@@ -1471,41 +1637,58 @@ def test_bench_gpu_tiny_times_a_real_grpo_step_on_the_forced_script_and_prints_t
         torch.set_num_threads(threads)  # --tiny runs on one thread; the rest of the session keeps its own
     (r,) = results
     out = capsys.readouterr().out
-
-    # train_step's rollout sampled exactly the script, in both chunks, and model.generate the very same tokens
-    assert r["sampled_tokens"] == r["forced_tokens"] == 2 * 2 * 3 * 12
-    assert r["same_tokens"] is True
-    # the sampler's log-probs against a fresh pass: in float32 on the CPU they agree (4-bit on a GPU may not)
-    assert 0 <= r["pi_old_drift"]["max"] < 1e-4 and "pi_old drift" in out
+    # the JSON holds every phase so far after each of them: a run cut short keeps what it measured
+    assert written == [["setup"], ["setup", "step"], ["setup", "step", "merged"],
+                       ["setup", "step", "merged", "generate"], ["setup", "step", "merged", "generate", "run"]]
+    assert json.loads((tmp_path / "gpu.json").read_text())["phases"].keys() == r["phases"].keys()
+    generate, step, merged, run = (r["phases"][phase] for phase in ("generate", "step", "merged", "run"))
+    # rollout.py and model.generate sampled the very same tokens on the comparison's chunk
+    assert generate["same_tokens"] is True and generate["ratio"] > 0
+    # train_step's rollout (one call: the plan's chunk) sampled exactly the script
+    assert step["questions"] == 2 and step["sampled_tokens"] == step["forced_tokens"] == 2 * 2 * 3 * 12
+    # the sampler's log-probs against the trainer's pass: in float32 on the CPU they agree (4-bit on a GPU may not)
+    assert 0 <= step["logp_drift"] <= step["logp_drift_max"] < 1e-4
     # each chunk's last turns answer "yes" (the golden answer) then "no": reward 0.5, so the update has a
     # gradient, and it moved the LoRA weights and nothing else
-    assert r["reward"] == 0.5
-    assert r["changed_lora"] > 0 and r["changed_frozen"] == 0
+    assert step["reward"] == 0.5 and step["changed_lora"] > 0 and step["changed_frozen"] == 0
     # the phases are real, positive, and make up the step
-    assert all(r[key] > 0 for key in ("rollout_s", "logprob_s", "update_s", "generate_tok_s", "peak_gb"))
-    assert r["rollout_s"] + r["logprob_s"] + r["update_s"] == pytest.approx(r["step_s"])
-    assert r["ours_tok_s"] == pytest.approx(r["sampled_tokens"] / r["rollout_s"])
-    assert r["steps_in_3h"] == pytest.approx(3 * 3600 / r["step_s"])
-    # RTX 4090 (1.008 TB/s, 165 TFLOPS): the rollout scales by bandwidth, the other phases by FLOPs
-    estimate = r["estimate"]
-    assert estimate["rollout_s"] == pytest.approx(r["rollout_s"] * 0.5 / 1.008)
-    assert estimate["step_s"] == pytest.approx(estimate["rollout_s"] + (r["logprob_s"] + r["update_s"]) * 10 / 165)
-
-    lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("| device |"))
-    columns = lines[header].strip("| ").split(" | ")
-    for column in ("device", "model", "batch", "rollout tok/s (ours)", "rollout tok/s (generate)", "ours / generate",
-                   "rollout s", "log-prob s", "update s", "step s", "peak GB", "GRPO steps in 3 h"):
-        assert column in columns
-    measured, estimated = (dict(zip(columns, line.strip("| ").split(" | "))) for line in lines[header + 2: header + 4])
-    assert measured["device"] == "CPU (1 thread)" and measured["batch"] == "2 x 2"
-    assert measured["GRPO steps in 3 h"] == f"{r['steps_in_3h']:.0f}"
-    assert estimated["device"] == "RTX 4090 (estimate)"
-    assert estimated["step s"] == f"{estimate['step_s']:.1f}"
-    assert "OOM" not in out
-    assert sum(line.startswith("  ") and ": peak memory" in line for line in lines) == 2  # targets, both rows
+    assert all(step[key] > 0 for key in ("rollout_s", "logprob_s", "update_s", "peak_gb"))
+    assert step["rollout_s"] + step["logprob_s"] + step["update_s"] == pytest.approx(step["step_s"])
+    assert merged["questions"] == 2 and merged["rollout_s"] > 0 and merged["copy_s"] >= 0
+    # the default run: 32 questions in 16 calls of the measured chunk, the log-prob and update passes x 16
+    assert run["rollout_calls"] == 16
+    assert run["step_s"] == pytest.approx(16 * step["rollout_s"] + 16 * (step["logprob_s"] + step["update_s"]))
+    assert run["steps_in_3h"] == pytest.approx(3 * 3600 / run["step_s"])
+    for phase in ("generate (", "step (", "merged (", "the default run's step", "targets: peak memory"):
+        assert sum(line.startswith(phase) for line in out.splitlines()) == 1, phase
+    assert "OUT OF MEMORY" not in out and r["out_of_memory"] == []
     # --profile: one more step under torch.profiler, its top ops
     assert "profile of one more train_step" in out and "aten::" in out
+
+
+def test_the_gpu_bench_caps_memory_on_an_indexed_device(monkeypatch):
+    """torch.cuda.set_per_process_memory_fraction(fraction, device) needs a device with an index
+    (torch.device("cuda") has none and raises ValueError): the bench measures the current GPU by its index."""
+    from torch.cuda._utils import _get_device_index  # the check set_per_process_memory_fraction makes first
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    device = bench.gpu_device(bench.argparse.Namespace(tiny=False))
+    assert device == torch.device("cuda", 3) and _get_device_index(device) == 3
+    with pytest.raises(ValueError, match="specified index"):
+        _get_device_index(torch.device("cuda"))
+
+
+def test_the_gpu_check_script_runs_its_path_on_the_cpu_and_leaves_each_caps_results(tmp_path):
+    """bench-gpu.sh as a lent GPU runs it, at tiny sizes on the CPU (SEARCHR1_BENCH_CPU=1: no CUDA check,
+    no tiny task): both caps run, each leaving its table and its JSON in $OUT."""
+    done = subprocess.run(["bash", "bench-gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OUT": str(tmp_path), "SEARCHR1_BENCH_CPU": "1",
+                               "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-16.json", "gpu-16.txt", "gpu-24.json", "gpu-24.txt"]
+    full, step_only = (json.loads((tmp_path / f"gpu-{cap}.json").read_text())["phases"] for cap in (24, 16))
+    assert list(full) == ["setup", "step", "merged", "generate", "run"] and list(step_only) == ["setup", "step", "run"]
+    assert "the default run's step" in (tmp_path / "gpu-16.txt").read_text()
 
 
 def test_bench_plan_prints_the_default_runs_plan_for_24_and_16_gb_cards(capsys):
@@ -1516,22 +1699,24 @@ def test_bench_plan_prints_the_default_runs_plan_for_24_and_16_gb_cards(capsys):
     assert out.count("memory plan for") == 2 and f"--micro-batch-size {plans[1].micro_batch_size}" in out
 
 
-def test_a_phase_that_runs_out_of_memory_is_noted_with_its_line_and_the_bench_goes_on():
+def test_a_phase_that_runs_out_of_memory_is_recorded_with_its_sizes_peak_and_line_and_the_bench_goes_on():
     from grpo import token_logprobs
     def model_out_of_memory(**inputs):  # a log-prob pass whose model call runs out of GPU memory
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.68 GiB\nof which 1 GiB is free")
     ids = torch.ones(1, 4, dtype=torch.long)
-    notes = []
+    failures = []
     class OutOfMemoryModel:
         def get_decoder(self):
             return model_out_of_memory
     failing_pass = lambda: token_logprobs(OutOfMemoryModel(), ids, torch.ones_like(ids), 2)  # noqa: E731
-    assert bench._measure("train_step", failing_pass, torch.device("cpu"), notes) is None
-    (note,) = notes
-    assert note.startswith("train_step ran out of memory under the cap in grpo.py:") and "get_decoder()(" in note
-    assert note.endswith(": CUDA out of memory. Tried to allocate 10.68 GiB")  # the message's first line
-    result, seconds, peak_gb = bench._measure("a pass that fits", lambda: 42, torch.device("cpu"), notes)
-    assert (result, len(notes)) == (42, 1) and seconds >= 0 and peak_gb > 0
+    sizes = {"questions": 27, "micro_batch_size": 10}
+    assert bench._measure("step", failing_pass, torch.device("cpu"), sizes, failures) is None
+    (failure,) = failures
+    assert failure["phase"] == "step" and failure["sizes"] == sizes and failure["peak_gb"] > 0
+    assert failure["where"].startswith("grpo.py:") and "get_decoder()(" in failure["where"]
+    assert failure["error"] == "CUDA out of memory. Tried to allocate 10.68 GiB"  # the message's first line
+    result, seconds, peak_gb = bench._measure("a pass that fits", lambda: 42, torch.device("cpu"), sizes, failures)
+    assert (result, len(failures)) == (42, 1) and seconds >= 0 and peak_gb > 0
 
 
 # ================================================== the commands: eval, ask, plot, the command line
@@ -1721,6 +1906,7 @@ def test_a_resumed_eval_skips_finished_cells_and_redoes_cells_whose_settings_cha
     assert evaluated == ["direct one", "direct two"]
 
 
+@pytest.mark.floor
 def test_adapter_is_read_from_a_checkpoint_or_the_latest_of_a_run(tiny_model_dir, tmp_path):
     cfg = searchr1.Config(model=str(tiny_model_dir), load_4bit=False, device="cpu", lora_r=4, lora_alpha=8,
                           gradient_checkpointing=False)
@@ -2321,6 +2507,7 @@ def test_warm_up_trajectory_is_laid_out_as_the_rollout_lays_it_out(small_task):
     assert [t for t, m in zip(response, loss_mask) if not m] == sum(observations, [])
 
 
+@pytest.mark.floor
 def test_shared_prefix_warm_up_loss_equals_the_loss_over_full_sequences(small_task):
     """The warm-up runs the prompts' common prefix once; the loss must not change."""
     tokenizer, search = small_task["tokenizer"], small_task["search"]
@@ -2353,6 +2540,23 @@ def test_model_tiny_with_algo_ppo_samples_as_many_trajectories_a_step_as_grpo(mo
     assert grpo_cfg.batch_size * grpo_cfg.samples_per_question == 80
     assert ppo_cfg.samples_per_question == 1 and ppo_cfg.lr == grpo_cfg.lr and ppo_cfg.steps == grpo_cfg.steps
     assert ppo_24.batch_size == 24
+
+
+def test_model_tiny_trains_on_the_cpu_in_float32_even_where_a_gpu_is_visible(monkeypatch):
+    """README's tiny results were made on the CPU in float32: `--model tiny` gives them on a GPU machine
+    too, where --device auto would take the GPU and bfloat16; --device cuda still asks for the GPU."""
+    seen = []
+    monkeypatch.setitem(searchr1.COMMANDS, "train", (lambda cfg, args: seen.append(cfg), None, "train"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    for argv in (["--model", "tiny"], ["--model", "tiny-multihop"], ["--model", "tiny", "--device", "cuda"]):
+        assert searchr1.main(argv) == 0
+    tiny_cfg, multihop_cfg, asked = seen
+    for cfg in (tiny_cfg, multihop_cfg):
+        device = searchr1.pick_device(cfg)
+        assert device.type == "cpu" and searchr1.pick_dtype(cfg, device)[0] == torch.float32
+    assert searchr1.pick_device(asked).type == "cuda"
+    assert searchr1.pick_device(searchr1.Config(model="qwen2.5-3b")).type == "cuda"  # a real model takes it
 
 
 def test_tiny_prepare_reuses_the_warm_up_of_the_same_task_and_remakes_it_for_another(tmp_path, monkeypatch):

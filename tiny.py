@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 from eval import write_atomic
 from retriever import BM25Index, format_passages
-from rollout import INVALID_ACTION, PROMPT_TEMPLATE, build_prompt, observation
+from rollout import CACHE_KEYWORD, INVALID_ACTION, PROMPT_TEMPLATE, build_prompt, observation
 
 # Every fact is (subject, attribute, value): an entity's, each attribute with its own 10 values
 VALUES = {
@@ -335,9 +335,10 @@ def warmup_loss(model, batch: list[tuple[list, list, list]], pad_id: int) -> tor
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : P + len(row)] = 1
         loss_mask[i, len(prompt) - P: len(row)] = torch.tensor(mask, dtype=torch.float)
-    cache = model(input_ids=torch.tensor([first[:P]]), use_cache=True).cache   # (1, P) per layer
+    prefix = model(input_ids=torch.tensor([first[:P]]), use_cache=True)
+    cache = getattr(prefix, CACHE_KEYWORD)                                      # (1, P) per layer
     cache.batch_repeat_interleave(B)                                            # (B, P)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **{CACHE_KEYWORD: cache},
                    position_ids=torch.arange(P, P + T).expand(B, T)).logits    # (B, T, V)
     # position t predicts token t + 1: loss = -sum_t mask_{t+1} log p(x_{t+1} | x_<=t) / sum mask
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:],
