@@ -50,12 +50,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 import plan
+import policy
 import rollout as rollout_chapter
+import runs
 import searchr1
+import tiny
 from grpo import token_logprobs
 from retriever import format_passages
 from rollout import RolloutConfig, build_prompt, rollout, rollout_plain
-from searchr1 import clock, peak_memory_gb
+from policy import clock, fit_to_memory, load_policy, peak_memory_gb, sampling_model, uses_chat_template
 
 LOGPROB_CHUNK = inspect.signature(token_logprobs).parameters["chunk"].default  # positions of logits at a time
 
@@ -530,7 +533,7 @@ def bench_gpu(args) -> dict:
     def record(phase: str, numbers: dict | None) -> None:
         r["phases"][phase] = numbers
         if args.json:  # the results so far, whole, after every phase
-            searchr1.write_atomic(Path(args.json), json.dumps(r, indent=1, default=str))
+            runs.write_atomic(Path(args.json), json.dumps(r, indent=1, default=str))
 
     # --- setup: the random model, loaded as training loads it, and the plan for the cap
     start = time.time()
@@ -543,13 +546,15 @@ def bench_gpu(args) -> dict:
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:  # the checkpoint is gone once loaded
         _save_random_qwen2(architecture, tokenizer, Path(folder), device)
         cfg = searchr1.Config(model=folder, gpu_memory_gb=args.memory_cap_gb if cuda else 0, **settings)
-        tokenizer, model = searchr1.load_policy(cfg, device)
+        tokenizer, model = load_policy(cfg, device)
     questions = [{"question": f"What happened in town number {i}", "golden_answers": ["yes"]}
                  for i in range(cfg.batch_size)]
-    cfg = searchr1.fit_to_memory(cfg, model, tokenizer, questions, device)  # prints the plan on a GPU
-    merged_cfg = searchr1.fit_to_memory(dataclasses.replace(cfg, rollout_weights="merged",
-                                                            rollout_batch_size=settings.get("rollout_batch_size", 0)),
-                                        model, tokenizer, questions, device)
+    cfg, budget = fit_to_memory(cfg, model, tokenizer, questions, device)
+    if budget:
+        print(budget.table(), flush=True)
+    merged_cfg, _ = fit_to_memory(dataclasses.replace(cfg, rollout_weights="merged",
+                                                      rollout_batch_size=settings.get("rollout_batch_size", 0)),
+                                  model, tokenizer, questions, device)
     chunk = cfg.rollout_batch_size
     r["model"] = f"random {'tiny Qwen2' if args.tiny else 'Qwen2.5-3B'}, NF4 + LoRA r{cfg.lora_r}"
     r["plan"] = {"rollout_batch_size": chunk, "micro_batch_size": cfg.micro_batch_size,
@@ -572,7 +577,7 @@ def bench_gpu(args) -> dict:
                                    * (args.passage_tokens // 10 + 1))[: args.passage_tokens])
     passages = format_passages([{"title": f"Town {i}", "text": text} for i in range(1, cfg.topk + 1)])
     search = lambda queries: [passages] * len(queries)  # noqa: E731
-    prompts = [build_prompt(q["question"], tokenizer, searchr1.uses_chat_template(cfg, tokenizer)) for q in questions]
+    prompts = [build_prompt(q["question"], tokenizer, uses_chat_template(cfg, tokenizer)) for q in questions]
     rollout_cfg = cfg.rollout_config()
     model.eval()
     warm = dataclasses.replace(rollout_cfg, max_new_tokens=4)  # warm-up: kernels, allocator, caches
@@ -610,7 +615,7 @@ def bench_gpu(args) -> dict:
     def merged():
         n = r["plan"]["merged_rollout_batch_size"]
         start = clock(device)
-        with searchr1.sampling_model(model, merged_cfg, device) as copy:
+        with sampling_model(model, merged_cfg, device) as copy:
             made = clock(device)
             trajectories = rollout(copy, tokenizer, prompts[:n], search, rollout_cfg,
                                    logits_hook=scripted(n * cfg.group_size, args.tokens_per_turn))
@@ -698,13 +703,23 @@ def bench_plan(args) -> list:
     prompt = len(build_prompt(" ".join(["word"] * 20), tokenizer, chat=True))
     plans = []
     for gb in args.gpu_memory_gb:
-        budget = searchr1.memory_plan(cfg, plan.Shape.of(QWEN25_3B), gb, 2, prompt)  # NF4 + bfloat16
+        budget = policy.memory_plan(cfg, plan.Shape.of(QWEN25_3B), gb, 2, prompt)  # NF4 + bfloat16
         print(f"Qwen2.5-3B, NF4 + LoRA r{cfg.lora_r}, bfloat16, {args.algo.upper()} {cfg.batch_size} x "
               f"{cfg.samples_per_question}, a {prompt}-token prompt; chosen: --rollout-batch-size "
               f"{budget.rollout_batch_size} --micro-batch-size {budget.micro_batch_size}")
         print(budget.table())
         plans.append(budget)
     return plans
+
+
+def bench_tiny(args) -> dict:
+    """A tiny task with its warm-up's shares changed (the design findings of docs/tiny.md), trained with
+    the TINY presets as `python searchr1.py --model TASK` trains it."""
+    shares = {key: getattr(args, key) for key in ("skill_share", "search_share") if getattr(args, key) is not None}
+    task = dataclasses.replace(tiny.TASKS[args.task], seed=args.seed, **shares)
+    cfg = dataclasses.replace(searchr1.Config(), **searchr1.TINY, model=args.task, seed=args.seed,
+                              out_dir=args.out_dir)
+    return searchr1.run_tiny(cfg, task)
 
 
 def main(argv: list[str] | None = None):
@@ -797,6 +812,16 @@ def main(argv: list[str] | None = None):
     gpu.add_argument("--workdir", default=None, help="folder for the random checkpoint (6 GB for 3B)")
     gpu.add_argument("--json", default="", help="also write the results to this JSON file, after every phase")
     gpu.set_defaults(run=bench_gpu)
+
+    tiny_parser = commands.add_parser("tiny", help="a tiny task with other warm-up shares (docs/tiny.md's findings)")
+    tiny_parser.add_argument("--task", default="tiny-multihop", choices=sorted(tiny.TASKS))
+    tiny_parser.add_argument("--skill-share", type=float, default=None,
+                             help="trajectories making every lookup in the warm-up's first steps (default: the task's)")
+    tiny_parser.add_argument("--search-share", type=float, default=None,
+                             help="... and afterwards (default: the task's)")
+    tiny_parser.add_argument("--seed", type=int, default=0)
+    tiny_parser.add_argument("--out-dir", required=True, help="the run folder")
+    tiny_parser.set_defaults(run=bench_tiny)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -7,6 +7,7 @@ the paper's evaluation metric on its seven QA benchmarks.
     extract_answer   the content of the LAST <answer>...</answer> in the model's response
     normalize_answer lowercase, drop ASCII punctuation, drop the words a/an/the, collapse spaces
     exact_match      1.0 if the normalised answer equals any normalised golden answer
+    reward           a trajectory's reward and its parts: the exact match of its answer
     sub_exact_match  1.0 if any normalised golden answer is contained in the normalised answer
     token_f1         best bag-of-tokens F1 against the golden answers
 
@@ -27,13 +28,12 @@ baselines' prompts; the two here reuse Search-R1's wording and answer format, so
 that changes between the three methods is where the passages come from.
 """
 import json
-import os
 import re
 import string
 from collections import Counter
 from pathlib import Path
 
-# The seven benchmarks of the paper, and the split it reports on (README: the data).
+# The seven benchmarks of the paper, and the split it reports on (docs/reference.md).
 BENCHMARKS = {
     "nq": "test", "triviaqa": "test", "popqa": "test",                        # single-hop
     "hotpotqa": "dev", "2wikimultihopqa": "dev", "musique": "dev", "bamboogle": "test",  # multi-hop
@@ -63,6 +63,16 @@ def exact_match(prediction: str | None, golden_answers: list[str]) -> float:
         return 0.0
     prediction = normalize_answer(prediction)
     return float(any(prediction == normalize_answer(g) for g in golden_answers))
+
+
+def reward(response: str, golden_answers: list[str]) -> tuple[float, dict]:
+    """A trajectory's reward and its parts. Search-R1's is the outcome alone: 1 when the answer the
+    response gives (its last <answer>) is an exact match of a golden answer, else 0 -- no reward for
+    format or for searching. Training (searchr1.train_step) and evaluation (prediction) both take it
+    from here: this is the seam to change the reward."""
+    answer = extract_answer(response)
+    em = exact_match(answer, golden_answers)
+    return em, {"exact_match": em, "answered": float(answer is not None)}
 
 
 def sub_exact_match(prediction: str | None, golden_answers: list[str]) -> float:
@@ -113,7 +123,8 @@ def read_qa_file(path: str | Path) -> list[dict]:
                 raise DataError(f"{where}: field 'question' must be a non-empty string")
             if (not isinstance(golden, list) or not golden
                     or not all(isinstance(g, str) for g in golden)):
-                raise DataError(f"{where}: field 'golden_answers' must be a non-empty list of strings")
+                raise DataError(f"{where}: field 'golden_answers' must be a non-empty list "
+                                "of strings")
             rows.append({"id": str(row.get("id", f"{path.stem}_{line_number}")),
                          "question": question, "golden_answers": golden})
     if not rows:
@@ -138,15 +149,19 @@ def load_qa(source: str, split: str | None = None) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- evaluation
-# The baselines' prompts: Search-R1's answer format (<answer> ... </answer>, scored the same way) without
-# the search instructions. RAG's passages are the retrieval of the question itself, formatted as
-# in an <information> block (Doc 1(Title: ...) ...). Chat models get them in their chat template.
-DIRECT_PROMPT = ("Answer the given question. Provide the answer inside <answer> and </answer>, without "
-                 "detailed illustrations. For example, <answer> Beijing </answer>. Question: {question}\n")
-RAG_PROMPT = ("Answer the given question using the documents below. Provide the answer inside <answer> and "
-              "</answer>, without detailed illustrations. For example, <answer> Beijing </answer>.\n"
+# The baselines' prompts: Search-R1's answer format (<answer> ... </answer>, scored the same way)
+# without the search instructions. RAG's passages are the retrieval of the question itself,
+# formatted as in an <information> block (Doc 1(Title: ...) ...). Chat models get them in their
+# chat template.
+DIRECT_PROMPT = ("Answer the given question. Provide the answer inside <answer> and </answer>, "
+                 "without detailed illustrations. For example, <answer> Beijing </answer>. "
+                 "Question: {question}\n")
+RAG_PROMPT = ("Answer the given question using the documents below. Provide the answer inside "
+              "<answer> and </answer>, without detailed illustrations. For example, "
+              "<answer> Beijing </answer>.\n"
               "Documents:\n{passages}\nQuestion: {question}\n")
-METHODS = {"direct": "Direct inference", "rag": "RAG", "search-r1": "Search-R1"}  # flag -> table row
+# flag -> table row
+METHODS = {"direct": "Direct inference", "rag": "RAG", "search-r1": "Search-R1"}
 
 
 def clean_question(question: str) -> str:
@@ -156,7 +171,8 @@ def clean_question(question: str) -> str:
 
 
 def baseline_prompt(method: str, question: str, passages: str = "") -> str:
-    """The text of a baseline's prompt; the question is cleaned as for Search-R1's prompt (strip, "?")."""
+    """The text of a baseline's prompt; the question is cleaned as for Search-R1's prompt
+    (strip, "?")."""
     question = clean_question(question)
     if method == "direct":
         return DIRECT_PROMPT.format(question=question)
@@ -164,11 +180,13 @@ def baseline_prompt(method: str, question: str, passages: str = "") -> str:
 
 
 def prediction(question: dict, response: str, searches: list[str], answered: bool) -> dict:
-    """One evaluated question: what was asked, what the model wrote, and its exact match."""
-    answer = extract_answer(response)
-    return {"id": question["id"], "question": question["question"], "golden_answers": question["golden_answers"],
-            "response": response, "answer": answer, "searches": searches, "answered": answered,
-            "em": exact_match(answer, question["golden_answers"])}
+    """One evaluated question: what was asked, what the model wrote, and its exact match
+    (reward's)."""
+    _, parts = reward(response, question["golden_answers"])
+    return {"id": question["id"], "question": question["question"],
+            "golden_answers": question["golden_answers"],
+            "response": response, "answer": extract_answer(response), "searches": searches,
+            "answered": answered, "em": parts["exact_match"]}
 
 
 def summarize(predictions: list[dict]) -> dict:
@@ -180,35 +198,12 @@ def summarize(predictions: list[dict]) -> dict:
 
 
 def em_table(em: dict[tuple[str, str], float], methods: list[str], datasets: list[str]) -> str:
-    """The paper's layout in Markdown: a row per method, a column per dataset, then their average."""
-    lines = ["| Method | " + " | ".join(datasets) + " | Avg. |", "|:--|" + "--:|" * (len(datasets) + 1)]
+    """The paper's layout in Markdown: a row per method, a column per dataset, then their
+    average."""
+    lines = ["| Method | " + " | ".join(datasets) + " | Avg. |",
+             "|:--|" + "--:|" * (len(datasets) + 1)]
     for method in methods:
         row = [em[method, dataset] for dataset in datasets]
         cells = [f"{value:.3f}" for value in row + [sum(row) / len(row)]]
         lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file, then rename it: a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_predictions(path: Path, settings: dict, predictions: list[dict]) -> None:
-    """One (method, dataset) cell: the settings that made it, its means, and every prediction."""
-    cell = {"settings": settings, **summarize(predictions), "predictions": predictions}
-    write_atomic(path, json.dumps(cell, indent=1, ensure_ascii=False) + "\n")
-
-
-def saved_predictions(path: Path, settings: dict, questions: list[dict]) -> list[dict] | None:
-    """The predictions saved at `path` when they were made with these settings on these questions."""
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # absent or unreadable: evaluate again
-        return None
-    predictions = saved.get("predictions", [])
-    same_questions = [p["id"] for p in predictions] == [q["id"] for q in questions]
-    return predictions if saved.get("settings") == settings and same_questions else None

@@ -11,10 +11,12 @@ term of the loss.
     ratio_t  = exp(logp_t - logp_old_t)                                    per sampled token
     L_clip_t = max(-A ratio_t, -A clip(ratio_t, 1 - eps, 1 + eps))        PPO's pessimistic bound
     KL_t     = exp(d_t) - d_t - 1,  d_t = logp_ref_t - logp_t             "k3" / low_var_kl, >= 0
-    H_t      = -sum_v pi(v) log pi(v)                                     entropy of the next-token softmax
+    H_t      = -sum_v pi(v) log pi(v)                                     entropy of the next-token
+                                                                          softmax
     loss     = sum_t loss_mask_t (L_clip_t + beta KL_t - c_H H_t) / sum_t loss_mask_t   token mean
 
-beta = 0.001 and c_H = 0.001, as in the reference's GRPO script (c_H is veRL's default entropy_coeff).
+beta = 0.001 and c_H = 0.001, as in the reference's GRPO script (c_H is veRL's default
+entropy_coeff).
 
 Where this departs from Search-R1's released script (veRL):
 - The token mean is taken over the whole mini-batch, not per micro-batch and then averaged, so
@@ -31,26 +33,54 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class Batch:
-    """A micro-batch of trajectories as tensors, every row laid out [left pad | prompt | response | right pad].
+    """A micro-batch of trajectories as tensors, every row laid out
+    [left pad | prompt | response | right pad].
 
     input_ids, attention_mask (B, P + R): the tokens; attention_mask 1 = a real token, 0 = padding.
     response_start: P, the column where every response starts.
-    loss_mask (B, R): 1 = a token the loss is taken over -- one the policy sampled; with retrieved-token
-        masking off (the paper's ablation), every real response token, retrieved ones included.
-    advantages: GRPO (B,), one per trajectory, broadcast to its tokens; PPO (B, R), one per token.
-    old_logp, ref_logp (B, R): log pi_old and log pi_ref of each response token: old_logp as the rollout
-        recorded it while sampling, or recomputed after packing (--old-logprobs); ref_logp computed.
-    values, returns (B, R): PPO only, V_old(s_t) and the critic's target G_t (ppo.token_advantages).
+    loss_mask (B, R): 1 = a token the loss is taken over -- one the policy sampled; with
+        retrieved-token masking off (the paper's ablation), every real response token, retrieved
+        ones included.
+    old_logp (B, R): log pi_old of each response token, as the sampler recorded it (0 at
+        observations), recomputed by the trainer's own pass before the update unless
+        --old-logprobs rollout.
+    ref_logp (B, R): log pi_ref, the base with the adapter off; filled before the update.
+    advantages (B, R): A_t of each response token -- GRPO's A_i on every token of trajectory i, or
+        PPO's per-token GAE (ppo.PPOBatch); None until the algorithm has them.
     """
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_start: int
     loss_mask: torch.Tensor
-    advantages: torch.Tensor
-    old_logp: torch.Tensor | None = None
+    old_logp: torch.Tensor
     ref_logp: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+
+
+def pack(trajectories, advantages: torch.Tensor | None, pad: int, mask_observations: bool,
+         device) -> Batch:
+    """Trajectories (rollout.Trajectory) -> a Batch on `device`, their advantages (B,) on every
+    token.
+
+    The loss is taken over the tokens the policy sampled (each trajectory's loss_mask), or with
+    mask_observations off (the ablation) over every real response token, retrieved ones included.
+    """
+    P = max(len(t.prompt_ids) for t in trajectories)
+    R = max(len(t.response_ids) for t in trajectories)
+    B = len(trajectories)
+    input_ids = torch.full((B, P + R), pad, dtype=torch.long)
+    attention_mask = torch.zeros(B, P + R, dtype=torch.long)
+    loss_mask, sampled_logp = torch.zeros(B, R), torch.zeros(B, R)
+    for i, t in enumerate(trajectories):
+        p, r = len(t.prompt_ids), len(t.response_ids)
+        input_ids[i, P - p: P + r] = torch.tensor(t.prompt_ids + t.response_ids)
+        attention_mask[i, P - p: P + r] = 1
+        loss_mask[i, :r] = torch.tensor(t.loss_mask if mask_observations else [1] * r,
+                                        dtype=torch.float)
+        sampled_logp[i, :r] = torch.tensor(t.logprobs)  # what the sampler saw; 0.0 at observations
+    per_token = None if advantages is None else advantages.float()[:, None].expand(B, R).to(device)
+    return Batch(input_ids.to(device), attention_mask.to(device), P, loss_mask.to(device),
+                 old_logp=sampled_logp.to(device), advantages=per_token)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -66,7 +96,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def causal_lm(model):
-    """The transformers model itself, under peft's wrapper if there is one (LoRA layers stay in it)."""
+    """The transformers model itself, under peft's wrapper if there is one (LoRA layers stay in
+    it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -76,7 +107,8 @@ def response_states(model, input_ids, attention_mask, response_start: int) -> to
     Rows are laid out [left padding | prompt | response | right padding], so every response
     starts at column `response_start`; position response_start - 1 + t predicts response token t.
     """
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)    # left padding -> 0, 0, 0, 1, 2
+    # left padding -> 0, 0, 0, 1, 2
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     hidden = causal_lm(model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids, use_cache=False).last_hidden_state
     return hidden[:, response_start - 1: -1]                        # (B, R, H)
@@ -119,7 +151,7 @@ def token_logprobs(model, input_ids, attention_mask, response_start: int,
 def clipped_policy_loss(logp, old_logp, advantages, clip_eps: float = 0.2):
     """PPO's clipped surrogate per token, and whether the clip was the active branch.
 
-    logp, old_logp: (B, R); advantages: (B, R) or (B, 1) broadcast to every token.
+    logp, old_logp, advantages: (B, R).
     """
     ratio = torch.exp(logp - old_logp)                             # pi_theta / pi_old
     unclipped = -advantages * ratio
@@ -141,10 +173,12 @@ def masked_sum(x, mask):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, loss_mask, n_tokens: int | float,
-              clip_eps: float = 0.2, kl_coef: float = 0.001, entropy=None, entropy_coef: float = 0.001):
+              clip_eps: float = 0.2, kl_coef: float = 0.001, entropy=None,
+              entropy_coef: float = 0.001):
     """The GRPO objective of one micro-batch, as its share of a token mean over `n_tokens`.
 
-    logp, old_logp, ref_logp, loss_mask, entropy: (B, R); advantages: (B,), broadcast over tokens.
+    logp, old_logp, ref_logp, advantages, loss_mask, entropy: (B, R) (advantages: A_i on every
+    token).
     entropy None: no entropy bonus (and none in the stats).
     n_tokens is the number of loss_mask tokens in the whole mini-batch, so summing this loss
     over the micro-batches gives the mini-batch's token mean (gradient accumulation).
@@ -156,7 +190,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, loss_mask, n_tokens: int | f
     in_loss = loss_mask.bool()
     old_logp = torch.where(in_loss, old_logp, logp.detach())
     ref_logp = torch.where(in_loss, ref_logp, logp.detach())
-    policy_loss, clipped = clipped_policy_loss(logp, old_logp, advantages[:, None], clip_eps)
+    policy_loss, clipped = clipped_policy_loss(logp, old_logp, advantages, clip_eps)
     kl = low_var_kl(logp, ref_logp)
     # loss = sum_t mask_t (L_clip_t + beta KL_t) / n_tokens
     loss = (masked_sum(policy_loss, loss_mask) + kl_coef * masked_sum(kl, loss_mask)) / n_tokens
@@ -177,13 +211,20 @@ def entropy_bonus(loss, entropy, loss_mask, n_tokens, entropy_coef: float):
 
 
 def batch_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
-    """token_logprobs of a Batch's response tokens: (B, R), or ((B, R), (B, R)) with their entropies."""
-    return token_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_start, temperature,
-                          with_entropy=with_entropy)
+    """token_logprobs of a Batch's response tokens: (B, R), or ((B, R), (B, R)) with their
+    entropies."""
+    return token_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_start,
+                          temperature, with_entropy=with_entropy)
 
 
-def batch_loss(model, batch: Batch, n_tokens: float, cfg):
-    """GRPO's loss of one micro-batch (its share of the mini-batch's token mean) and its stats' sums."""
-    logp, entropy = batch_logprobs(model, batch, cfg.temperature, with_entropy=True)   # (b, R), with grad
-    return grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.loss_mask, n_tokens,
-                     cfg.clip_eps, cfg.kl_coef, entropy, cfg.entropy_coef)
+def batch_loss(model, batch: Batch, n_tokens: float, cfg, backward) -> dict:
+    """GRPO's loss of one micro-batch, its share of the mini-batch's token mean, backpropagated by
+    `backward`; returns its stats' sums. (ppo.batch_loss keeps the same contract: a new loss term
+    goes into grpo_loss, or beside it here, and train_step does not change.)"""
+    # (b, R), with grad
+    logp, entropy = batch_logprobs(model, batch, cfg.temperature, with_entropy=True)
+    loss, stats = grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages,
+                            batch.loss_mask, n_tokens,
+                            cfg.clip_eps, cfg.kl_coef, entropy, cfg.entropy_coef)
+    backward(loss)
+    return stats

@@ -7,11 +7,14 @@ runs PPO with one response per question (n = 1) and puts the KL to the reference
     r_t      = -beta (log pi_old(a_t) - log pi_ref(a_t))    on sampled tokens
                + R_outcome                                   added on the last sampled token
     delta_t  = r_t + gamma V(s_t+1) - V(s_t)                 TD error (t+1 = next trained token)
-    A_t      = delta_t + gamma lambda A_t+1                  GAE; gamma = lambda = 1: A_t = G_t - V(s_t)
+    A_t      = delta_t + gamma lambda A_t+1                  GAE; gamma = lambda = 1:
+                                                             A_t = G_t - V(s_t)
     G_t      = A_t + V(s_t)                                  the critic's target (returns)
     A_t      <- (A_t - mean(A)) / sqrt(var(A) + 1e-8)        whitened over trained tokens only
-    L_actor  = token mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) - c_H H   grpo.py's terms
-    L_critic = token mean of 1/2 max((V - G)^2, (V_clip - G)^2),  V_clip = V_old + clip(V - V_old, +-c)
+    L_actor  = token mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))
+               - c_H H                                       grpo.py's terms
+    L_critic = token mean of 1/2 max((V - G)^2, (V_clip - G)^2),
+               V_clip = V_old + clip(V - V_old, +-c)
 
 Retrieved-token masking: tokens the search engine inserted carry no reward, and GAE skips them:
 the value of the last sampled token before an <information> block bootstraps from the value of
@@ -36,17 +39,30 @@ Where this departs from Search-R1's released PPO (veRL):
   penalty uses the plain log-ratio, as veRL's default `kl` estimator does.
 This module is tensor maths over a model's outputs; it imports only grpo.py of ours.
 """
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from grpo import (batch_logprobs, clipped_policy_loss, entropy_bonus, low_var_kl, masked_sum,
+from grpo import (Batch, batch_logprobs, clipped_policy_loss, entropy_bonus, low_var_kl, masked_sum,
                   response_states)
 
-ACTOR, CRITIC = "default", "critic"  # peft adapter names: the policy's (peft's default) and the critic's
+# peft adapter names: the policy's (peft's default) and the critic's
+ACTOR, CRITIC = "default", "critic"
+
+
+@dataclass
+class PPOBatch(Batch):
+    """A grpo.Batch with what the critic adds before the update (token_advantages), all (B, R):
+    advantages the whitened GAE A_t, values V_old(s_t) and returns G_t, the critic's target."""
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
 
 def add_critic(model) -> None:
-    """A critic on the policy's base: a second LoRA adapter (same rank and targets) and a value head."""
+    """A critic on the policy's base: a second LoRA adapter (same rank and targets) and a value
+    head."""
     model.add_adapter(CRITIC, model.peft_config[ACTOR])
     device = next(p for p in model.parameters() if p.requires_grad).device
     model.value_head = torch.nn.Linear(model.config.hidden_size, 1).to(device)  # float32, (H,) -> 1
@@ -81,13 +97,15 @@ def token_rewards(outcome, old_logp, ref_logp, mask, kl_coef: float = 0.001):
     in_loss = mask.bool()
     rewards = torch.where(in_loss, -kl_coef * (old_logp - ref_logp), torch.zeros_like(old_logp))
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-    last = (in_loss * positions).argmax(dim=1)                     # (B,) index of the last masked token
+    # (B,) index of the last masked token
+    last = (in_loss * positions).argmax(dim=1)
     rewards[torch.arange(len(outcome)), last] += outcome.float() * in_loss.any(dim=1)
     return rewards                                                 # (B, R)
 
 
 def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 1.0):
-    """Generalised advantage estimation (Schulman et al. 2016) over masked tokens: (advantages, returns).
+    """Generalised advantage estimation (Schulman et al. 2016) over masked tokens: (advantages,
+    returns).
 
     rewards, values, mask: (B, R). Unmasked positions are skipped: they neither add reward nor
     end the recursion, and get advantage 0 and return V. After the last masked token V = 0.
@@ -125,7 +143,8 @@ def actor_loss(logp, old_logp, advantages, mask, n_tokens, clip_eps: float = 0.2
     old_logp = torch.where(mask.bool(), old_logp, logp.detach())   # outside the mask: ratio 1
     policy_loss, clipped = clipped_policy_loss(logp, old_logp, advantages, clip_eps)
     loss = masked_sum(policy_loss, mask) / n_tokens
-    stats = {"policy_loss": masked_sum(policy_loss, mask).item(), "clip_frac": masked_sum(clipped, mask).item()}
+    stats = {"policy_loss": masked_sum(policy_loss, mask).item(),
+             "clip_frac": masked_sum(clipped, mask).item()}
     if entropy is not None:
         loss, stats["entropy"] = entropy_bonus(loss, entropy, mask, n_tokens, entropy_coef)
     return loss, stats
@@ -147,56 +166,73 @@ def critic_loss(values, old_values, returns, mask, n_tokens, value_clip: float =
 
 
 def explained_variance(values, returns, mask) -> float:
-    """1 - Var(G - V) / Var(G) over masked tokens: 1 = perfect critic, 0 = no better than a constant."""
+    """1 - Var(G - V) / Var(G) over masked tokens: 1 = perfect critic, 0 = no better than a
+    constant."""
     in_loss = mask.bool()
     var_returns = returns[in_loss].var()
-    return (1 - (returns - values)[in_loss].var() / var_returns).item() if var_returns > 0 else float("nan")
+    return ((1 - (returns - values)[in_loss].var() / var_returns).item() if var_returns > 0
+            else float("nan"))
 
 
-def token_advantages(model, batches: list, rewards, cfg) -> dict:
+def token_advantages(model, updates: list[list[Batch]], rewards,
+                     cfg) -> tuple[list[list[PPOBatch]], dict]:
     """PPO's baseline, before the update: critic values -> token rewards -> GAE -> whitening.
 
-    batches: every micro-batch of the step (grpo.Batch, with old_logp, ref_logp), in trajectory
-    order; rewards (N,): their outcomes. Sets each batch's per-token advantages, values and returns;
-    returns the batch-wide stats (explained variance, KL).
+    updates: the step's mini-batches, each a list of micro-batches (grpo.Batch with old_logp and
+    ref_logp) in trajectory order; rewards (N,): their outcomes. Returns the same micro-batches as
+    PPOBatch, with their per-token advantages, values and returns, and the batch-wide stats
+    (explained variance, KL).
     """
+    batches = [batch for mini_batch in updates for batch in mini_batch]
     model.set_adapter(CRITIC)
     with torch.no_grad():
-        for batch in batches:  # V_old(s_t), (b, R)
-            batch.values = token_values(model, batch.input_ids, batch.attention_mask, batch.response_start)
+        # V_old(s_t), (b, R)
+        values_of = [token_values(model, b.input_ids, b.attention_mask, b.response_start)
+                     for b in batches]
         # GAE over the whole batch: micro-batches right-padded to one width R, then stacked
-        R = max(batch.loss_mask.shape[1] for batch in batches)
-        stack = lambda name: torch.cat([F.pad(getattr(b, name), (0, R - b.loss_mask.shape[1])) for b in batches])
-        mask, values = stack("loss_mask"), stack("values")                     # (N, R)
-        old_logp, ref_logp = stack("old_logp"), stack("ref_logp")
+        R = max(b.loss_mask.shape[1] for b in batches)
+        stack = lambda tensors: torch.cat([F.pad(t, (0, R - t.shape[1]))  # noqa: E731
+                                           for t in tensors])
+        # (N, R)
+        mask, values = stack([b.loss_mask for b in batches]), stack(values_of)
+        old_logp, ref_logp = (stack([b.old_logp for b in batches]),
+                              stack([b.ref_logp for b in batches]))
         token_r = token_rewards(rewards.to(mask.device), old_logp, ref_logp, mask, cfg.kl_coef)
         advantages, returns = gae(token_r, values, mask, cfg.gae_gamma, cfg.gae_lambda)
-        advantages = whiten(advantages, mask)                                  # over the whole batch
+        # over the whole batch
+        advantages = whiten(advantages, mask)
         kl = low_var_kl(old_logp, ref_logp)
-        row = 0
-        for batch in batches:
-            b, r = batch.loss_mask.shape
-            batch.advantages, batch.returns = advantages[row: row + b, :r], returns[row: row + b, :r]
-            row += b
     model.set_adapter(ACTOR)
+    ppo_batches, row = [], 0
+    for batch, batch_values in zip(batches, values_of):
+        b, r = batch.loss_mask.shape
+        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(Batch)}
+        ppo_batches.append(PPOBatch(**{**fields, "advantages": advantages[row: row + b, :r]},
+                                    values=batch_values, returns=returns[row: row + b, :r]))
+        row += b
+    pieces = iter(ppo_batches)
     # explained variance of the critic that GAE used (before this step's update), as cleanrl logs it
-    return {"explained_variance": explained_variance(values, returns, mask),
-            "kl": masked_sum(kl, mask).item() / max(mask.sum().item(), 1)}
+    return [[next(pieces) for _ in mini_batch] for mini_batch in updates], {
+        "explained_variance": explained_variance(values, returns, mask),
+        "kl": masked_sum(kl, mask).item() / max(mask.sum().item(), 1)}
 
 
-def batch_loss(model, batch, n_tokens: float, cfg, backward=torch.Tensor.backward):
-    """PPO's loss of one micro-batch: the critic's, backpropagated here (by `backward`, which may scale
-    it), then the actor's, returned for the caller's backward (each a share of the mini-batch's token
-    mean), and their stats' sums."""
+def batch_loss(model, batch: PPOBatch, n_tokens: float, cfg, backward) -> dict:
+    """PPO's loss of one micro-batch, the contract of grpo.batch_loss: each loss its share of the
+    mini-batch's token mean, backpropagated by `backward` -- the critic's, then the actor's -- and
+    their stats' sums returned."""
     model.set_adapter(CRITIC)
-    values = token_values(model, batch.input_ids, batch.attention_mask, batch.response_start)      # (b, R)
+    # (b, R)
+    values = token_values(model, batch.input_ids, batch.attention_mask, batch.response_start)
     loss, critic_stats = critic_loss(values, batch.values, batch.returns, batch.loss_mask, n_tokens,
                                      cfg.value_clip)
     # backward now, before the adapter changes: with gradient checkpointing, backward re-runs each
     # layer, and it must re-run it under the adapter that ran the forward pass
     backward(loss)
     model.set_adapter(ACTOR)
-    logp, entropy = batch_logprobs(model, batch, cfg.temperature, with_entropy=True)             # (b, R)
-    loss, actor_stats = actor_loss(logp, batch.old_logp, batch.advantages, batch.loss_mask, n_tokens,
-                                   cfg.clip_eps, entropy, cfg.entropy_coef)
-    return loss, {**critic_stats, **actor_stats}
+    # (b, R)
+    logp, entropy = batch_logprobs(model, batch, cfg.temperature, with_entropy=True)
+    loss, actor_stats = actor_loss(logp, batch.old_logp, batch.advantages, batch.loss_mask,
+                                   n_tokens, cfg.clip_eps, entropy, cfg.entropy_coef)
+    backward(loss)
+    return {**critic_stats, **actor_stats}

@@ -12,12 +12,13 @@ tf(t,d) = times t occurs in d, |d| = tokens in d, avgdl = mean |d|, N = passages
 containing t. k1 = 1.2 sets how fast repeating a term stops paying; b = 0.75 how much a long
 passage is penalized. A term repeated in the query counts once per repeat.
 
-Why tantivy (a Rust engine with Python bindings): `python bench.py retriever` on 2 cores (README's
-table), 256 queries a batch, top-3 — at 100k passages rank-bm25 answers 5.1 queries/s, tantivy
-8,289; at 1M passages tantivy builds in 41 s and answers 1,580 queries/s at a peak RSS of 0.71 GB
-(rank-bm25: 0.5 queries/s, 6.2 GB). rank-bm25 scores every passage that holds a query term;
-tantivy skips blocks of passages that cannot reach the top-k (block-max WAND) and memory-maps its
-index, so a GRPO step's few hundred queries per turn stay cheap on wiki-18's 21M passages.
+Why tantivy (a Rust engine with Python bindings): `python bench.py retriever` on 2 cores (the
+table in docs/retrieval.md), 256 queries a batch, top-3 — at 100k passages rank-bm25 answers
+5.1 queries/s, tantivy 8,289; at 1M passages tantivy builds in 41 s and answers 1,580 queries/s
+at a peak RSS of 0.71 GB (rank-bm25: 0.5 queries/s, 6.2 GB). rank-bm25 scores every passage
+that holds a query term; tantivy skips blocks of passages that cannot reach the top-k (block-max
+WAND) and memory-maps its index, so a GRPO step's few hundred queries per turn stay cheap on
+wiki-18's 21M passages.
 
 Tokens: split on every non-alphanumeric character, lowercase, drop English stopwords (tantivy's
 33-word list: "a", "the", "of", ...). `ANALYZER` does this for passages (registered on the index)
@@ -191,7 +192,8 @@ class BM25Index:
 
     @staticmethod
     def _build(corpus_path: Path, index_dir: Path, fingerprint: dict) -> None:
-        if index_dir.exists() and any(index_dir.iterdir()) and not (index_dir / "meta.json").exists():
+        if (index_dir.exists() and any(index_dir.iterdir())
+                and not (index_dir / "meta.json").exists()):
             raise FileExistsError(f"{index_dir} is not empty and holds no tantivy index; "
                                   "refusing to replace it")
         partial = index_dir.with_name(index_dir.name + ".partial")  # one builder at a time

@@ -1,7 +1,7 @@
-"""searchr1's tests: small, seeded, offline, each named for the behaviour it proves.
-
-Shared fixtures and helpers first, then a section per chapter in reading order: retriever.py,
-rollout.py, grpo.py, ppo.py, eval.py, training (searchr1.py), the commands, search_api.py, tiny.py."""
+"""searchr1's tests of the learning path, training and the tiny task: small, seeded, offline, each
+named for the behaviour it proves. A section per chapter in reading order: retriever.py, rollout.py,
+grpo.py, ppo.py, eval.py, training (searchr1.py with policy.py, runs.py, distributed.py, plan.py and
+bench.py gpu), tiny.py. The commands and the search server: test_commands.py; shared fixtures: conftest.py."""
 
 import copy
 import dataclasses
@@ -53,97 +53,17 @@ from rollout import (_sample, build_prompt, INVALID_ACTION, observation, parse_a
     RolloutConfig, STOP_STRINGS, Trajectory)
 from search_api import MAX_BODY_BYTES, MAX_QUERIES, RemoteIndex, SearchServer, SearchUnavailable
 
-ROOT = Path(__file__).resolve().parent
-DATA = ROOT / "data"  # real files for offline tests, shipped with the project (data/README.md)
-QWEN_TOKENIZER = DATA / "qwen2.5-tokenizer"
+import agent
+import cli
+import commands
+import distributed
+import policy
+import ppo
+import runs
+from conftest import (DATA, QWEN_CHAT, QWEN_INSTRUCT_SYSTEM, QWEN_TOKENIZER, REFERENCE_CASE_PROMPT, REFERENCE_INVALID,
+                      REFERENCE_PROMPT, ROOT, answer_every_other, ids, random_qwen2, steer_rollouts, steered,
+                      tiny_config, write_jsonl, write_task)
 
-
-# The models here are tiny: with 2 threads, thread hand-offs cost more than they save (10-20x slower
-# small ops measured on a busy 2-core machine), so the tests use one.
-torch.set_num_threads(1)
-
-
-# ====================================================================== shared fixtures and helpers
-
-def random_qwen2(vocab_size=128, seed=0, **overrides):
-    """A random-weight Qwen2 small enough for the CPU, built from a config (no download)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    config = Qwen2Config(**{**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=512, tie_word_embeddings=True), **overrides})
-    return Qwen2ForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random Qwen2 with the real Qwen2.5 tokenizer, saved like a hub checkpoint."""
-    from transformers import AutoTokenizer
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    random_qwen2(vocab_size=151936).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(folder)
-    return folder
-
-
-def write_jsonl(path: Path, rows: list, compress: bool = False) -> Path:
-    text = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
-    path.write_bytes(gzip.compress(text.encode()) if compress else text.encode())
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def model():
-    """A 2-layer Qwen2 with random weights and Qwen2.5's vocabulary size, so every tokenizer id is valid."""
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.2)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def ids(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-# The reference's strings, byte for byte (README: the reference recipe)
-REFERENCE_PROMPT = (
-    "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get new "
-    "information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
-    "query </search> and it will return the top searched results between <information> and </information>. You can "
-    "search as many times as your want. If you find no further external knowledge needed, you can directly provide "
-    "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
-    "</answer>. Question: {question}\n"
-)
-
-
-# Qwen2.5's chat template around a user message. The default system line is the instruct models' (the
-# tokenizer in data/); the base models' tokenizers say "You are a helpful assistant." (REFERENCE_CASE_PROMPT)
-QWEN_INSTRUCT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
-
-QWEN_CHAT = ("<|im_start|>system\n" + QWEN_INSTRUCT_SYSTEM + "<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-             "<|im_start|>assistant\n")
-
-
-# The prompt of the reference's base-model run (Search-R1's example/case.txt), up to the response
-REFERENCE_CASE_PROMPT = (
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-    + "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get "
-    "new information. After reasoning, if you find you lack some knowledge, you can call a search engine by <search> "
-    "query </search> and it will return the top searched results between <information> and </information>. You can "
-    "search as many times as your want. If you find no further external knowledge needed, you can directly provide "
-    "the answer inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing "
-    "</answer>. Question: paul walkers cars in fast and furious list?\n<|im_end|>\n<|im_start|>assistant\n")
-
-
-REFERENCE_INVALID = (
-    "\nMy previous action is invalid. If I want to search, I should put the query between <search> and </search>. "
-    "If I want to give the final answer, I should put the answer between <answer> and </answer>. Let me try again.\n"
-)
 
 
 # ===================================================================================== retriever.py
@@ -465,33 +385,67 @@ def without_chat_template(tokenizer):
 
 def test_chat_auto_means_the_template_whenever_the_tokenizer_has_one_and_plain_text_otherwise(tok):
     base = searchr1.Config(model="qwen2.5-3b")  # a base model: the reference still uses its template
-    assert searchr1.uses_chat_template(base, tok) is True
-    assert searchr1.uses_chat_template(base, without_chat_template(tok)) is False
-    assert searchr1.uses_chat_template(dataclasses.replace(base, chat="no"), tok) is False
-    with pytest.raises(searchr1.UsageError, match="no chat template"):
-        searchr1.uses_chat_template(dataclasses.replace(base, chat="yes"), without_chat_template(tok))
+    assert policy.uses_chat_template(base, tok) is True
+    assert policy.uses_chat_template(base, without_chat_template(tok)) is False
+    assert policy.uses_chat_template(dataclasses.replace(base, chat="no"), tok) is False
+    with pytest.raises(cli.UsageError, match="no chat template"):
+        policy.uses_chat_template(dataclasses.replace(base, chat="yes"), without_chat_template(tok))
 
 
-def test_readme_reference_table_flags_are_the_defaults():
-    """Every `--flag value` (or `eval --flag value`) that README's table "searchr1 vs the released
-    Search-R1" claims is that command's default, so the table cannot drift from the code."""
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("## searchr1 vs the released Search-R1")[1].split("\n## ")[0]
+def test_the_reference_tables_flags_are_the_defaults():
+    """Every `--flag value` (or `eval --flag value`) that docs/reference.md's table "searchr1 vs the
+    released Search-R1" claims is that command's default, so the table cannot drift from the code."""
+    page = (ROOT / "docs" / "reference.md").read_text()
+    table = page.split("## searchr1 vs the released Search-R1")[1].split("\n## ")[0]
     claims = re.findall(r"`(?:(eval|ask) )?--([a-z0-9-]+) ([^`]+)`", table)
     assert len(claims) >= 25
     for command, flag, value in claims:
-        default = searchr1.config_parser(command or "train").get_default(flag.replace("-", "_"))
-        assert str(default) == value, f"README says {command or 'train'} --{flag} {value}; the default is {default}"
+        name = command or "train"
+        parser = cli.command_parser(name, searchr1.COMMANDS[name], searchr1.Config)
+        default = parser.get_default(flag.replace("-", "_"))
+        assert str(default) == value, f"docs/reference.md says {name} --{flag} {value}; the default is {default}"
     cfg = searchr1.Config()  # "320 / 32 = 10 steps a batch", the reference's 2,560 / 256
     assert cfg.batch_size * cfg.group_size / cfg.mini_batch_size == 2560 / 256 == 10
 
 
-def test_readme_defaults_table_is_the_config_field_by_field():
+def test_the_reading_order_counts_its_own_lines():
+    """README's reading order names the definitions to read, file by file; the number of lines it gives
+    is theirs (def or class line to its end), counted from the code."""
+    import ast
     readme = (ROOT / "README.md").read_text()
-    rows = re.findall(r"^\| `(--[a-z0-9-]+)` \| `([^`]*)` \| (.*) \|$", readme, flags=re.MULTILINE)
-    expected = [(searchr1.flag(f.name), str(f.default or '""') if isinstance(f.default, str) else str(f.default),
-                 f.metadata["help"]) for f in dataclasses.fields(searchr1.Config)]
-    assert rows == expected
+    order = readme.split("**Reading order**")[1].split("\n## ")[0]
+    stated = int(re.search(r"\(([\d,]+) lines", order).group(1).replace(",", ""))
+    counted = 0
+    items = re.findall(r"^\d\. `(\w+\.py)`: (.*?)(?=^\d\. |\Z)", order, flags=re.MULTILINE | re.DOTALL)
+    assert [file for file, _ in items] == ["rollout.py", "eval.py", "grpo.py", "searchr1.py", "ppo.py", "retriever.py"]
+    for file, names in items:
+        tree = ast.parse((ROOT / file).read_text())
+        spans = {node.name: (node.lineno, node.end_lineno) for node in tree.body
+                 if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        spans |= {f"{holder.name}.{node.name}": (node.lineno, node.end_lineno) for holder in tree.body
+                  if isinstance(holder, ast.ClassDef) for node in holder.body if isinstance(node, ast.FunctionDef)}
+        for name in re.findall(r"`([A-Za-z_][\w.]*)`", names):
+            assert name in spans, f"README's reading order names {name}, which {file} does not define"
+            counted += spans[name][1] - spans[name][0] + 1
+    assert stated == counted
+
+
+def test_every_pointer_to_a_readme_heading_or_a_docs_page_leads_somewhere():
+    """"README: <heading>" in the code names a heading README has; every docs/... path named in the
+    code, README or the docs pages exists."""
+    files = [*(p for p in ROOT.glob("*.py") if not p.name.startswith("test_")), *ROOT.glob("*.sh"),
+             *ROOT.glob("docs/*.md"), ROOT / "README.md", ROOT / ".ci" / "run", ROOT / "requirements.txt"]
+    headings = re.findall(r"^#+ (.*)$", (ROOT / "README.md").read_text(), flags=re.MULTILINE)
+    pointers = 0
+    for path in files:
+        text = path.read_text()
+        for heading in re.findall(r"README: ([^)\n]+?)[).]", text):
+            pointers += 1
+            assert any(h.lower().startswith(heading.lower()) for h in headings), f"{path.name}: README: {heading}"
+        for page in re.findall(r"\bdocs/[\w./-]*\w", text):
+            pointers += 1
+            assert (ROOT / page).exists(), f"{path.name} points at {page}"
+    assert pointers > 20
 
 
 def test_observation_and_passages_are_laid_out_as_the_reference_does():
@@ -820,7 +774,7 @@ def _loss_inputs(seed=0, B=3, R=6):
     logp = (-torch.rand(B, R, generator=g) * 3).requires_grad_()
     old = logp.detach() + 0.3 * torch.randn(B, R, generator=g)
     ref = logp.detach() + 0.3 * torch.randn(B, R, generator=g)
-    advantages = torch.randn(B, generator=g)
+    advantages = torch.randn(B, generator=g)[:, None].expand(B, R)  # A_i on every token of trajectory i
     loss_mask = (torch.rand(B, R, generator=g) > 0.4).float()
     return logp, old, ref, advantages, loss_mask
 
@@ -843,7 +797,7 @@ def test_loss_is_the_token_mean_of_policy_and_kl_terms():
     logp, old, ref, advantages, loss_mask = _loss_inputs(seed=1)
     loss, stats = grpo_loss(logp, old, ref, advantages, loss_mask, loss_mask.sum(), kl_coef=0.1)
     ratio = torch.exp(logp - old)
-    A = advantages[:, None]
+    A = advantages
     per_token = torch.maximum(-A * ratio, -A * ratio.clamp(0.8, 1.2))
     d = ref - logp
     per_token = per_token + 0.1 * (torch.exp(d) - d - 1)
@@ -1079,46 +1033,6 @@ def test_hub_benchmark_is_downloaded_by_name_and_split(tmp_path, monkeypatch):
 
 # ======================== training: searchr1.train_step and train, checkpoints, bench.py gpu --tiny
 
-def write_task(folder: Path, n_questions=8):
-    """A 3-passage corpus and QA files whose golden answer is "y"."""
-    folder.mkdir(parents=True, exist_ok=True)
-    corpus = folder / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"T{i}"\npassage number {i}'}) + "\n"
-                              for i in range(3)))
-    qa = folder / "qa.jsonl"
-    qa.write_text("".join(json.dumps({"id": f"q{i}", "question": f"question {i}", "golden_answers": ["y"]}) + "\n"
-                          for i in range(n_questions)))
-    return corpus, qa
-
-
-def answer_every_other(tokenizer):
-    """A logits hook that makes even rows answer "y" and odd rows "z": groups with mixed rewards."""
-    targets = [tokenizer.encode(f"<answer> {a} </answer>") for a in ("y", "z")]
-    def hook(logits, rows, turn, step):
-        forced = torch.full_like(logits, -1e9)
-        for i, row in enumerate(rows.tolist()):
-            target = targets[row % 2]
-            forced[i, target[step] if step < len(target) else tokenizer.eos_token_id] = 0.0
-        return forced
-    return hook
-
-
-def steered(monkeypatch, tokenizer):
-    monkeypatch.setattr(searchr1, "rollout",
-                        functools.partial(rollout, logits_hook=answer_every_other(tokenizer)))
-
-
-def tiny_config(model_dir, folder, **overrides):
-    corpus, qa = write_task(folder)
-    settings = dict(model=str(model_dir), train_data=str(qa), eval_data=str(qa), corpus=str(corpus),
-                    index_dir=str(folder / "index"), out_dir=str(folder / "run"), device="cpu",
-                    batch_size=2, group_size=4, mini_batch_size=4, micro_batch_size=3, rollout_batch_size=16, lr=1e-2,
-                    max_turns=1, max_new_tokens=8, eval_size=2, eval_batch_size=2, steps=2,
-                    save_every=1, eval_every=0)
-    settings.update(overrides)
-    return searchr1.Config(**settings)
-
-
 def ppo_config(model_dir, folder, **overrides):
     return tiny_config(model_dir, folder, algo="ppo", batch_size=2, micro_batch_size=1, critic_lr=1e-2,
                        **overrides)
@@ -1126,8 +1040,8 @@ def ppo_config(model_dir, folder, **overrides):
 
 @pytest.mark.floor
 def test_loading_the_4bit_policy_on_the_cpu_prints_no_warning(tiny_model_dir):
-    code = ("import torch, searchr1; cfg = searchr1.Config(model=%r, device='cpu'); "
-            "tokenizer, model = searchr1.load_policy(cfg, torch.device('cpu')); "
+    code = ("import torch, policy, searchr1; cfg = searchr1.Config(model=%r, device='cpu'); "
+            "tokenizer, model = policy.load_policy(cfg, torch.device('cpu')); "
             "model(input_ids=torch.tensor([[1, 2, 3]]))" % str(tiny_model_dir))  # a first 4-bit matmul
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # as a user runs it
                           cwd=ROOT, timeout=120)
@@ -1162,14 +1076,14 @@ def test_the_update_terms_saved_activations_are_what_autograd_keeps_for_a_4bit_l
     AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(tmp_path)
     cfg = searchr1.Config(model=str(tmp_path), device="cpu", dtype="bfloat16", lora_r=rank,
                           gradient_checkpointing=False)
-    _, policy = searchr1.load_policy(cfg, torch.device("cpu"))
-    policy.train()
-    decoder = grpo.causal_lm(policy).model
+    _, layered = policy.load_policy(cfg, torch.device("cpu"))
+    layered.train()
+    decoder = grpo.causal_lm(layered).model
     x = torch.randn(3, 40, hidden, dtype=torch.bfloat16, requires_grad=True)
-    frozen = {t.untyped_storage().data_ptr() for t in [*policy.parameters(), *policy.buffers(), x]}
+    frozen = {t.untyped_storage().data_ptr() for t in [*layered.parameters(), *layered.buffers(), x]}
     rotary = decoder.rotary_emb(x, torch.arange(40)[None].expand(3, 40))
     measured = saved_for_backward_per_token(decoder.layers[0], x, rotary, frozen)
-    planned = plan.Shape.of(policy.config).saved_bytes_per_token(rank, dtype_bytes=2)
+    planned = plan.Shape.of(layered.config).saved_bytes_per_token(rank, dtype_bytes=2)
     assert measured <= planned <= 1.1 * measured
 
 
@@ -1177,7 +1091,7 @@ def test_the_update_terms_saved_activations_are_what_autograd_keeps_for_a_4bit_l
 def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base_as_reference(
         tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_model_dir, tmp_path)
-    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    tokenizer, model = policy.load_policy(cfg, torch.device("cpu"))
     assert "Linear4bit" in type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__
     steered(monkeypatch, tokenizer)
     seen = []  # the (logp, ref_logp, loss_mask) of every micro-batch the loss sees
@@ -1187,7 +1101,7 @@ def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base
     monkeypatch.setattr(grpo, "grpo_loss", spy)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    questions = searchr1.load_qa(cfg.train_data)[:2]
+    questions = load_qa(cfg.train_data)[:2]
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
     stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
     assert stats["reward"] == 0.5 and stats["answered"] == 1.0
@@ -1200,11 +1114,11 @@ def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base
     # exactly the base model, loaded afresh without any adapter
     seen.clear()
     searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
-    _, fresh = searchr1.load_policy(cfg, torch.device("cpu"))  # a new adapter adds exactly 0 (B = 0)
-    chat = searchr1.uses_chat_template(cfg, tokenizer)  # as train_step prompts: Qwen2.5's template
-    trajectories = searchr1.rollout(model, tokenizer, [searchr1.build_prompt(q["question"], tokenizer, chat)
-                                                       for q in questions], search, cfg.rollout_config())
-    mb = searchr1.pack(trajectories[:3], torch.zeros(3), tokenizer.pad_token_id, True, torch.device("cpu"))
+    _, fresh = policy.load_policy(cfg, torch.device("cpu"))  # a new adapter adds exactly 0 (B = 0)
+    chat = policy.uses_chat_template(cfg, tokenizer)  # as train_step prompts: Qwen2.5's template
+    steered_prompts = [build_prompt(q["question"], tokenizer, chat) for q in questions]
+    trajectories = searchr1.rollout(model, tokenizer, steered_prompts, search, cfg.rollout_config())
+    mb = grpo.pack(trajectories[:3], torch.zeros(3), tokenizer.pad_token_id, True, torch.device("cpu"))
     with torch.no_grad():
         base_logp = grpo.batch_logprobs(fresh, mb, 1.0)
     logp, ref_logp, mask = seen[0]
@@ -1220,7 +1134,7 @@ def test_each_mini_batch_of_trajectories_is_one_optimizer_step_cut_into_micro_ba
         mini_batch_size, micro_batches, optimizer_steps, tiny_model_dir, tmp_path, monkeypatch):
     # 2 questions x 4 = 8 trajectories a step, micro-batches of 3 (tiny_config)
     cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False, mini_batch_size=mini_batch_size)
-    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    tokenizer, model = policy.load_policy(cfg, torch.device("cpu"))
     steered(monkeypatch, tokenizer)
     seen, steps = [], []
     def spy(logp, *args):
@@ -1230,7 +1144,7 @@ def test_each_mini_batch_of_trajectories_is_one_optimizer_step_cut_into_micro_ba
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     monkeypatch.setattr(optimizer, "step", lambda: steps.append(len(seen)))  # micro-batches seen by each step
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, load_qa(cfg.train_data)[:2], search, cfg,
                                 torch.device("cpu"))
     assert seen == micro_batches and len(steps) == optimizer_steps
     assert sum(seen[:steps[0]]) == min(mini_batch_size, 8)  # the first step saw exactly one mini-batch
@@ -1249,9 +1163,9 @@ def _two_rank_child(rank: int, model_dir: str, folder: str, port: int):
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
     cfg = two_rank_config(model_dir, Path(folder))
-    searchr1.init_distributed(cfg)
+    distributed.init(policy.pick_device(cfg))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    searchr1.rollout = functools.partial(rollout, logits_hook=answer_every_other(tokenizer))
+    steer_rollouts(setattr, functools.partial(rollout, logits_hook=answer_every_other(tokenizer)))
     try:
         searchr1.train(cfg)
     finally:
@@ -1299,7 +1213,7 @@ def test_sampling_from_the_merged_copy_gives_the_adapters_greedy_tokens_and_log_
     """--rollout-weights merged: W = dequantize(W_nf4) + (alpha / r) B A in one plain weight samples what
     the 4-bit base with its unmerged adapter samples, and shares the embeddings and norms with it."""
     cfg = searchr1.Config(model=str(tiny_model_dir), device="cpu")
-    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    tokenizer, model = policy.load_policy(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     with torch.no_grad():  # a trained adapter: B != 0
         for name, p in model.named_parameters():
@@ -1309,7 +1223,7 @@ def test_sampling_from_the_merged_copy_gives_the_adapters_greedy_tokens_and_log_
     cfg_rollout = rollout_cfg(max_turns=1, max_new_tokens=12, max_obs_tokens=10, temperature=0.0, n_samples=1)
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
     adapter = rollout(model, tokenizer, prompts, search, cfg_rollout)
-    with searchr1.sampling_model(model, dataclasses.replace(cfg, rollout_weights="merged"), torch.device("cpu")) as copy:
+    with policy.sampling_model(model, dataclasses.replace(cfg, rollout_weights="merged"), torch.device("cpu")) as copy:
         assert not any("lora" in name for name, _ in copy.named_parameters())
         shared = {p.data_ptr() for p in model.parameters()}
         assert copy.get_input_embeddings().weight.data_ptr() in shared
@@ -1332,12 +1246,12 @@ def test_on_gpus_the_scalar_sums_and_barriers_go_through_a_backend_that_serves_c
     group("cuda:gloo", "nccl-alone")
     try:
         with pytest.raises(RuntimeError, match="cpu"):
-            searchr1.all_sum(2.5)
+            distributed.all_sum(2.5)
     finally:
         torch.distributed.destroy_process_group()
-    group(searchr1.backend("cuda").replace("nccl", "gloo"), "gpu-ranks")
+    group(distributed.backend("cuda").replace("nccl", "gloo"), "gpu-ranks")
     try:
-        assert searchr1.all_sum(2.5) == 2.5
+        assert distributed.all_sum(2.5) == 2.5
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
@@ -1345,13 +1259,13 @@ def test_on_gpus_the_scalar_sums_and_barriers_go_through_a_backend_that_serves_c
 
 def test_a_tokenizer_without_a_pad_token_trains_as_llama3s_does(tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False)
-    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    tokenizer, model = policy.load_policy(cfg, torch.device("cpu"))
     tokenizer.pad_token = None  # Llama 3's tokenizers have none
     assert tokenizer.pad_token_id is None
     steered(monkeypatch, tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search, cfg,
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, load_qa(cfg.train_data)[:2], search, cfg,
                                 torch.device("cpu"))
     assert stats["reward"] == 0.5 and math.isfinite(stats["policy_loss"])
 
@@ -1366,35 +1280,35 @@ def test_old_logprobs_from_the_rollout_save_one_pass_and_give_the_recomputed_los
     for setting in ("recompute", "rollout"):
         cfg = tiny_config(tiny_model_dir, tmp_path / setting, load_4bit=False, old_logprobs=setting)
         torch.manual_seed(0)  # the same LoRA A matrices
-        tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+        tokenizer, model = policy.load_policy(cfg, torch.device("cpu"))
         steered(monkeypatch, tokenizer)
         passes = []
         monkeypatch.setattr(searchr1, "batch_logprobs", lambda *a, **k: passes.append(1) or grpo.batch_logprobs(*a, **k))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
         search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-        stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search,
+        stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, load_qa(cfg.train_data)[:2], search,
                                           cfg, torch.device("cpu"))
         seen[setting] = len(passes), stats
     (recomputed, a), (recorded, b) = seen["recompute"], seen["rollout"]
     assert recomputed == 2 * 4 and recorded == 4  # pi_old and pi_ref for each of 4 micro-batches, or pi_ref only
     for key in ("policy_loss", "kl", "clip_frac", "entropy"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    with pytest.raises(searchr1.UsageError, match="needs retrieved-token masking"):
+    with pytest.raises(cli.UsageError, match="needs retrieved-token masking"):
         searchr1.Config(old_logprobs="rollout", mask_observations=False).check()
 
 
 def test_the_compute_dtype_follows_the_device_and_a_flag_overrides_it(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert searchr1.pick_dtype(searchr1.Config(), cpu)[0] == torch.float32
+    assert policy.pick_dtype(searchr1.Config(), cpu)[0] == torch.float32
     # a T4 (compute capability 7.5) emulates bfloat16: torch's check says yes unless emulation is left out
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    dtype, why = searchr1.pick_dtype(searchr1.Config(), cuda)
+    dtype, why = policy.pick_dtype(searchr1.Config(), cuda)
     assert dtype == torch.float16 and "Tesla T4 has no bfloat16" in why and "loss scaling" in why
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert searchr1.pick_dtype(searchr1.Config(), cuda)[0] == torch.bfloat16
-    assert searchr1.pick_dtype(searchr1.Config(dtype="float32"), cuda) == (torch.float32, "--dtype float32")
+    assert policy.pick_dtype(searchr1.Config(), cuda)[0] == torch.bfloat16
+    assert policy.pick_dtype(searchr1.Config(dtype="float32"), cuda) == (torch.float32, "--dtype float32")
 
 
 @pytest.mark.floor
@@ -1404,7 +1318,7 @@ def test_a_float16_step_scales_its_loss_and_keeps_the_adapter_and_optimizer_in_f
     weights stay float32, the GradScaler scales the loss and unscales before clipping, and the step
     updates the adapter. Only a GPU shows float16 kernels' speed and overflow behaviour at scale."""
     cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False, dtype="float16")
-    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    tokenizer, model = policy.load_policy(cfg, torch.device("cpu"))
     assert model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.float16
     lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
@@ -1416,7 +1330,7 @@ def test_a_float16_step_scales_its_loss_and_keeps_the_adapter_and_optimizer_in_f
     monkeypatch.setattr(scaler, "scale", lambda loss: scaled.append(loss.item()) or real_scale(loss))
     before = {n: p.detach().clone() for n, p in lora.items()}
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
-    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, searchr1.load_qa(cfg.train_data)[:2], search,
+    stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, load_qa(cfg.train_data)[:2], search,
                                       cfg, torch.device("cpu"), scaler)
     assert len(scaled) == 4 and all(math.isfinite(x) for x in scaled)  # one loss a micro-batch (3 + 1, 3 + 1)
     assert scaler.get_scale() == 2.0**10 and math.isfinite(stats["grad_norm"])  # no overflow: no step skipped
@@ -1454,11 +1368,11 @@ def test_the_critic_warms_up_over_its_own_shorter_share_of_the_steps():
 def test_a_ppo_step_changes_only_the_two_adapters_and_the_value_head(tiny_model_dir, tmp_path, monkeypatch):
     cfg = ppo_config(tiny_model_dir, tmp_path)
     assert cfg.samples_per_question == 1  # --algo ppo: one response per question
-    tokenizer, model = searchr1.load_policy(cfg, torch.device("cpu"))
+    tokenizer, model = policy.load_policy(cfg, torch.device("cpu"))
     steered(monkeypatch, tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW(searchr1.param_groups(model, cfg.lr, cfg.critic_lr))
-    questions = searchr1.load_qa(cfg.train_data)[:2]
+    optimizer = torch.optim.AdamW(ppo.param_groups(model, cfg.lr, cfg.critic_lr))
+    questions = load_qa(cfg.train_data)[:2]
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
     stats, _, _ = searchr1.train_step(model, tokenizer, optimizer, questions, search, cfg, torch.device("cpu"))
     assert stats["reward"] == 0.5  # rows answer y, z
@@ -1525,16 +1439,6 @@ def run_files(run: Path) -> dict[str, bytes]:
     return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
 
 
-@pytest.fixture
-def finished_run(tiny_model_dir, tmp_path, monkeypatch):
-    """A finished 2-step GRPO run (a checkpoint every step, 2 samples a step), and its config."""
-    from transformers import AutoTokenizer
-    steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
-    cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False, samples=2)
-    searchr1.train(cfg)
-    return cfg
-
-
 @pytest.mark.floor
 def test_export_merges_a_runs_adapter_into_a_plain_model_that_samples_the_adapters_greedy_tokens(finished_run,
                                                                                                  tmp_path):
@@ -1545,7 +1449,7 @@ def test_export_merges_a_runs_adapter_into_a_plain_model_that_samples_the_adapte
     assert searchr1.main(argv) == 0
     merged = AutoModelForCausalLM.from_pretrained(out)  # a plain transformers model: no peft, no adapter
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    tokenizer, adapted = searchr1.load_agent(finished_run, finished_run.out_dir, torch.device("cpu"))
+    tokenizer, adapted = agent.load_agent(finished_run, finished_run.out_dir, torch.device("cpu"))
     prompts = prompts_for(tokenizer, ["question 0", "question 1"])
     greedy = finished_run.rollout_config(greedy=True)
     search = lambda queries: ["Doc 1(Title: T) text"] * len(queries)
@@ -1557,11 +1461,11 @@ def test_export_merges_a_runs_adapter_into_a_plain_model_that_samples_the_adapte
 def test_a_folder_that_holds_a_run_is_never_overwritten_without_resume_or_overwrite(finished_run):
     run = Path(finished_run.out_dir)
     before = run_files(run)
-    with pytest.raises(searchr1.UsageError, match="holds a run already: continue it with --resume, or start "
+    with pytest.raises(cli.UsageError, match="holds a run already: continue it with --resume, or start "
                                                   "it over with --overwrite"):
         searchr1.train(finished_run)
     assert run_files(run) == before  # not a byte lost
-    with pytest.raises(searchr1.NothingToDo, match="at step 2 of --steps 2: nothing to do"):
+    with pytest.raises(cli.NothingToDo, match="at step 2 of --steps 2: nothing to do"):
         searchr1.train(replace(finished_run, resume=True))
     assert run_files(run) == before
     searchr1.train(replace(finished_run, overwrite=True, steps=1))  # starts over: one step, one checkpoint
@@ -1571,7 +1475,7 @@ def test_a_folder_that_holds_a_run_is_never_overwritten_without_resume_or_overwr
 
 def test_resume_stops_naming_every_setting_that_changes_what_the_run_computes(finished_run):
     changed = replace(finished_run, resume=True, steps=3, lr=5e-3, seed=7, micro_batch_size=1, eval_every=1)
-    with pytest.raises(searchr1.UsageError) as error:
+    with pytest.raises(cli.UsageError) as error:
         searchr1.train(changed)
     message = str(error.value)  # steps may grow; micro-batching and reporting may change; lr and seed may not
     assert "--lr 0.01 -> 0.005" in message and "--seed 0 -> 7" in message
@@ -1593,7 +1497,7 @@ def test_samples_show_what_the_policy_wrote_and_what_the_search_returned_and_eac
     run = Path(finished_run.out_dir)
     rows = [json.loads(line) for line in (run / "samples.jsonl").open()]
     assert [r["step"] for r in rows] == [1, 1, 2, 2]  # 2 a step, a seeded choice
-    questions = {q["question"]: q["golden_answers"] for q in searchr1.load_qa(finished_run.train_data)}
+    questions = {q["question"]: q["golden_answers"] for q in load_qa(finished_run.train_data)}
     for r in rows:
         assert r["golden_answers"] == questions[r["question"]]
         # the steered policy answers at once: one segment the policy wrote, no search
@@ -1607,7 +1511,7 @@ def test_samples_show_what_the_policy_wrote_and_what_the_search_returned_and_eac
         searching.response_ids += ids
         searching.loss_mask += [int(by == "policy")] * len(ids)
     searching.text = tokenizer.decode(searching.response_ids)
-    (row,) = searchr1.sample_rows(1, [{"question": "q?", "golden_answers": ["y"]}], [searching], torch.ones(1),
+    (row,) = runs.sample_rows(1, [{"question": "q?", "golden_answers": ["y"]}], [searching], torch.ones(1),
                                   tokenizer, replace(finished_run, group_size=1))
     assert [(s["by"], s["text"]) for s in row["segments"]] == [
         ("policy", "<search> q </search>"), ("search", "\n\n<information>Doc 1</information>\n\n"),
@@ -1621,12 +1525,12 @@ def test_samples_show_what_the_policy_wrote_and_what_the_search_returned_and_eac
 def test_bench_gpu_tiny_times_a_real_grpo_step_and_the_merged_copy_and_writes_each_phase_as_it_ends(
         monkeypatch, capsys, tmp_path):
     results, written = [], []  # main() dispatches to bench.bench_gpu; keep what it returns and each JSON write
-    real_bench_gpu, real_write = bench.bench_gpu, searchr1.write_atomic
+    real_bench_gpu, real_write = bench.bench_gpu, runs.write_atomic
     monkeypatch.setattr(bench, "bench_gpu", lambda args: results.append(real_bench_gpu(args)))
     def write(path, text):
         written.append(list(json.loads(text)["phases"]))
         real_write(path, text)
-    monkeypatch.setattr(searchr1, "write_atomic", write)
+    monkeypatch.setattr(runs, "write_atomic", write)
     # one rollout chunk of 2 questions x 2 samples, 3 turns of 12 forced tokens
     monkeypatch.setattr(sys, "argv", ["bench.py", "gpu", "--tiny", "--profile", "--profile-rows", "5",
                                       "--json", str(tmp_path / "gpu.json")])
@@ -1717,649 +1621,6 @@ def test_a_phase_that_runs_out_of_memory_is_recorded_with_its_sizes_peak_and_lin
     assert failure["error"] == "CUDA out of memory. Tried to allocate 10.68 GiB"  # the message's first line
     result, seconds, peak_gb = bench._measure("a pass that fits", lambda: 42, torch.device("cpu"), sizes, failures)
     assert (result, len(failures)) == (42, 1) and seconds >= 0 and peak_gb > 0
-
-
-# ================================================== the commands: eval, ask, plot, the command line
-
-@pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
-    (["--group-size", "1"], "--group-size 1: GRPO compares at least 2"),
-    (["--top-p", "1.5"], "--top-p 1.5: must be above 0 and at most 1"),
-    (["--lr", "0"], "--lr 0.0: must be above 0"),
-    (["--max-turns", "-1"], "--max-turns -1: must be at least 0"),
-    (["--warmup-ratio", "nan"], "--warmup-ratio nan: must be between 0 and 1"),
-    (["--algo", "dpo"], "--algo 'dpo': choose one of grpo, ppo"),
-    (["eval", "--limit", "-1"], "--limit -1: must be at least 0"),
-    (["eval", "--topk", "0"], "--topk 0: must be at least 1"),
-    (["ask", "--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
-    (["serve", "--port", "70000"], "--port 70000: must be 0"),
-])
-def test_a_bad_number_is_one_line_and_exit_code_2_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing may be written anywhere
-    assert searchr1.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {message}") and err.count("\n") == 1
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_help_lists_the_commands_and_each_command_shows_only_its_own_flags(capsys):
-    assert searchr1.main(["--help"]) == 0
-    listing = capsys.readouterr().out
-    assert all(f"\n  {name} " in listing for name in searchr1.COMMANDS)
-    def flags_of(command):
-        with pytest.raises(SystemExit):
-            searchr1.main([command, "--help"])
-        return set(re.findall(r"--[a-z0-9-]+", capsys.readouterr().out))
-    train, evaluate, serve = flags_of("train"), flags_of("eval"), flags_of("serve")
-    assert {"--lr", "--group-size", "--mini-batch-size", "--entropy-coef"} <= train
-    assert {"--max-turns", "--adapter", "--datasets", "--limit"} <= evaluate and "--lr" not in evaluate
-    assert serve == {"--help", "--corpus", "--index-dir", "--topk", "--host", "--port"}
-
-
-def test_python_older_than_3_11_is_told_so_in_one_line():
-    with pytest.raises(SystemExit, match="searchr1 needs Python 3.11 or newer; this is Python 3.10.12"):
-        searchr1.require_python((3, 10, 12))
-    searchr1.require_python((3, 11, 0))  # passes
-
-
-def test_plot_draws_several_runs_metrics_in_one_png(finished_run, tmp_path):
-    run = Path(finished_run.out_dir)
-    png = tmp_path / "figure.png"
-    assert searchr1.main(["plot", str(run), str(run), "--out", str(png)]) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    assert searchr1.main(["plot", str(tmp_path)]) == 2  # not a run folder: one line, exit code 2
-
-
-# The baselines' prompts README documents, written out in full (Search-R1's own: REFERENCE_PROMPT)
-DIRECT = ("Answer the given question. Provide the answer inside <answer> and </answer>, without detailed "
-          "illustrations. For example, <answer> Beijing </answer>. Question: {question}\n")
-
-
-RAG = ("Answer the given question using the documents below. Provide the answer inside <answer> and </answer>, "
-       "without detailed illustrations. For example, <answer> Beijing </answer>.\n"
-       "Documents:\n{passages}\nQuestion: {question}\n")
-
-
-def steer(monkeypatch, steering, seen=None):
-    """searchr1.rollout with `steering` applied to the logits before any hook of the caller's (ask
-    prints through one); `seen` collects (decoded prompts, max_turns) of every call."""
-    def steered_rollout(model, tokenizer, prompts, search, cfg, logits_hook=None, **kwargs):
-        if seen is not None:
-            seen.append(([tokenizer.decode(p) for p in prompts], cfg.max_turns))
-        def hook(logits, rows, turn, step):
-            logits = steering(logits, rows, turn, step)
-            return logits_hook(logits, rows, turn, step) if logits_hook else logits
-        return rollout(model, tokenizer, prompts, search, cfg, logits_hook=hook, **kwargs)
-    monkeypatch.setattr(searchr1, "rollout", steered_rollout)
-
-
-def write_qa(path: Path, golden: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"id": f"{path.stem}-{i}", "question": f"question {i}",
-                                        "golden_answers": [g]}) + "\n" for i, g in enumerate(golden)))
-    return path
-
-
-def eval_argv(model_dir, folder: Path, datasets: list[Path], *extra) -> list[str]:
-    corpus, _ = write_task(folder)
-    return ["eval", "--model", str(model_dir), "--no-load-4bit", "--device", "cpu", "--corpus", str(corpus),
-            "--index-dir", str(folder / "index"), "--out-dir", str(folder / "out"), "--max-turns", "1",
-            "--max-new-tokens", "8", "--eval-batch-size", "2",
-            "--datasets", ",".join(str(d) for d in datasets), *extra]
-
-
-@pytest.fixture(scope="module")
-def evaluated(tiny_model_dir, tmp_path_factory):
-    """One eval run of the three methods on two datasets; even rows answer "y", odd rows "z"."""
-    from transformers import AutoTokenizer
-    folder = tmp_path_factory.mktemp("eval")
-    one = write_qa(folder / "one.jsonl", ["y", "y", "y"])
-    two = write_qa(folder / "two.jsonl", ["z", "z"])
-    seen = []
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        steer(monkeypatch, answer_every_other(AutoTokenizer.from_pretrained(tiny_model_dir)), seen)
-        assert searchr1.main(eval_argv(tiny_model_dir, folder, [one, two])) == 0
-    return {"out": folder / "out", "seen": seen}
-
-
-def read_table(path: Path) -> dict[str, list[float]]:
-    """Method -> its EMs (datasets in order, then the average) from results.md."""
-    rows = [line.strip("|").split("|") for line in path.read_text().splitlines() if line.startswith("| ")]
-    assert [cell.strip() for cell in rows[0]] == ["Method", "one", "two", "Avg."]
-    return {cells[0].strip(): [float(c) for c in cells[1:]] for cells in rows[1:]}
-
-
-def test_eval_table_em_is_the_mean_of_the_saved_per_prediction_em(evaluated):
-    table = read_table(evaluated["out"] / "results.md")
-    assert list(table) == ["Direct inference", "RAG", "Search-R1"]
-    all_em = []
-    for method, row in zip(["direct", "rag", "search-r1"], table.values()):
-        means = []
-        for dataset in ["one", "two"]:
-            cell = json.loads((evaluated["out"] / method / f"{dataset}.json").read_text())
-            for i, p in enumerate(cell["predictions"]):  # rows of a batch of 2: even "y", odd "z"
-                assert p["answer"] == ("y" if i % 2 == 0 else "z")
-                assert p["em"] == float(p["answer"] in p["golden_answers"])
-                assert p["response"].startswith(f"<answer> {p['answer']} </answer>") and p["searches"] == []
-            em = [p["em"] for p in cell["predictions"]]
-            assert cell["em"] == sum(em) / len(em)
-            means.append(sum(em) / len(em))
-            all_em += em
-        assert row == pytest.approx([round(m, 3) for m in means] + [round(sum(means) / 2, 3)], abs=1e-9)
-    assert 0 < sum(all_em) < len(all_em)  # both right and wrong answers: the mean is really checked
-    assert table["Search-R1"] == pytest.approx([2 / 3, 1 / 2, 7 / 12], abs=1e-3)  # y,z,y vs y; y,z vs z
-
-
-def test_the_three_methods_prompt_the_documented_layouts(evaluated):
-    # the first batch of each method, in the order run: one.jsonl's questions 0 and 1
-    direct, rag, search_r1 = (evaluated["seen"][i][0][0] for i in (0, 2, 4))
-    # --chat auto and the Qwen2.5 tokenizer: every method's prompt is the user turn of its template
-    assert direct == QWEN_CHAT.format(user=DIRECT.format(question="question 0?"))
-    # RAG: the top-k of the question itself; only passage 0 holds a word of "question 0"
-    assert rag == QWEN_CHAT.format(user=RAG.format(question="question 0?",
-                                                   passages='Doc 1(Title: "T0") passage number 0'))
-    assert search_r1 == QWEN_CHAT.format(user=REFERENCE_PROMPT.format(question="question 0?"))
-    assert [max_turns for _, max_turns in evaluated["seen"]][:6] == [0, 0, 0, 0, 1, 1]  # baselines: no search turn
-
-
-def test_chat_models_get_the_baseline_prompt_as_their_user_message(tiny_model_dir):
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    ids = searchr1.encode_prompt(DIRECT.format(question="q?"), tokenizer, chat=True)
-    assert tokenizer.decode(ids).endswith(
-        "<|im_start|>user\n" + DIRECT.format(question="q?") + "<|im_end|>\n<|im_start|>assistant\n")
-
-
-def test_a_resumed_eval_skips_finished_cells_and_redoes_cells_whose_settings_changed(
-        tiny_model_dir, tmp_path, monkeypatch):
-    from transformers import AutoTokenizer
-    steer(monkeypatch, answer_every_other(AutoTokenizer.from_pretrained(tiny_model_dir)))
-    argv = eval_argv(tiny_model_dir, tmp_path, [write_qa(tmp_path / "one.jsonl", ["y", "z"]),
-                                                write_qa(tmp_path / "two.jsonl", ["y"])],
-                     "--methods", "direct,search-r1")
-    real_evaluate, real_load_agent = searchr1.evaluate, searchr1.load_agent
-    evaluated, loads, killed = [], [], []
-    def evaluate(*args, desc, **kwargs):
-        evaluated.append(desc)
-        if desc == "direct two" and not killed:  # the first run dies in its third cell
-            killed.append(desc)
-            raise RuntimeError("killed")
-        return real_evaluate(*args, desc=desc, **kwargs)
-    monkeypatch.setattr(searchr1, "evaluate", evaluate)
-    monkeypatch.setattr(searchr1, "load_agent", lambda *args: loads.append(1) or real_load_agent(*args))
-    with pytest.raises(RuntimeError, match="killed"):
-        searchr1.main(argv)
-    out = tmp_path / "out"
-    finished = {path: path.read_bytes() for path in out.glob("*/one.json")}
-    assert len(finished) == 2 and not (out / "direct" / "two.json").exists()
-
-    assert searchr1.main(argv) == 0
-    assert evaluated[3:] == ["direct two", "search-r1 two"]
-    assert all(path.read_bytes() == text for path, text in finished.items())
-    table = (out / "results.md").read_text()
-
-    evaluated.clear(), loads.clear()
-    assert searchr1.main(argv) == 0
-    assert evaluated == [] and loads == []  # all done: not even the model is loaded
-    assert (out / "results.md").read_text() == table
-
-    assert searchr1.main(argv[:-2] + ["--methods", "direct", "--limit", "1"]) == 0  # another sample: again
-    assert evaluated == ["direct one", "direct two"]
-
-
-@pytest.mark.floor
-def test_adapter_is_read_from_a_checkpoint_or_the_latest_of_a_run(tiny_model_dir, tmp_path):
-    cfg = searchr1.Config(model=str(tiny_model_dir), load_4bit=False, device="cpu", lora_r=4, lora_alpha=8,
-                          gradient_checkpointing=False)
-    _, trained = searchr1.load_policy(cfg, torch.device("cpu"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in trained.named_parameters():
-            if "lora_B" in name:
-                param.normal_()  # B = 0 in a fresh adapter: make this one differ from the base
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    searchr1.save_checkpoint(tmp_path / "run", 3, trained, optimizer, scheduler)
-    expected = {k: v for k, v in trained.state_dict().items() if "lora_" in k}
-    # the default Config has rank 16: the rank comes from the adapter's own config
-    default = searchr1.Config(model=str(tiny_model_dir), load_4bit=False, device="cpu")
-    for adapter in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-000003"):
-        _, model = searchr1.load_agent(default, str(adapter), torch.device("cpu"))
-        state = model.state_dict()
-        assert all(torch.equal(state[k], v) for k, v in expected.items())
-    with pytest.raises(searchr1.UsageError, match="no adapter_config.json"):
-        searchr1.load_agent(default, str(tmp_path), torch.device("cpu"))
-
-
-def scripted(tokenizer, turns: list[str]):
-    """A logits hook that makes every trajectory write turns[turn], then end the turn with EOS."""
-    targets = [tokenizer.encode(text) for text in turns]
-    def hook(logits, rows, turn, step):
-        target = targets[turn]
-        forced = torch.full_like(logits, -1e9)
-        forced[:, target[step] if step < len(target) else tokenizer.eos_token_id] = 0.0
-        return forced
-    return hook
-
-
-def ask_argv(model_dir, folder: Path, *extra) -> list[str]:
-    corpus, _ = write_task(folder)
-    return ["ask", "--model", str(model_dir), "--no-load-4bit", "--device", "cpu", "--corpus", str(corpus),
-            "--index-dir", str(folder / "index"), "--max-turns", "1", "--max-new-tokens", "24", *extra]
-
-
-def test_ask_prints_reasoning_each_search_the_titles_found_and_the_answer(tiny_model_dir, tmp_path, monkeypatch,
-                                                                         capsys):
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    search_turn = "<think> I should look it up. </think> <search> passage number 1 </search>"
-    steer(monkeypatch, scripted(tokenizer, [search_turn, "<think> Found it. </think> <answer> y </answer>"]))
-    assert searchr1.main(ask_argv(tiny_model_dir, tmp_path, "question 1")) == 0
-    out = capsys.readouterr().out
-    printed = [out.index(text) for text in (search_turn, '[found: "T1"; ', "<think> Found it. </think>",
-                                            "answer: y  (1 searches)")]
-    assert printed == sorted(printed)  # in the order it happened
-
-
-def test_ask_without_a_question_reads_questions_until_an_empty_line(tiny_model_dir, tmp_path, monkeypatch,
-                                                                    capsys):
-    from transformers import AutoTokenizer
-    steer(monkeypatch, scripted(AutoTokenizer.from_pretrained(tiny_model_dir), ["<answer> y </answer>"] * 2))
-    asked = []
-    monkeypatch.setattr(searchr1, "build_prompt", lambda q, *args: asked.append(q) or build_prompt(q, *args))
-    monkeypatch.setattr(sys, "stdin", io.StringIO("question 1\nquestion 2\n\nquestion 3\n"))
-    assert searchr1.main(ask_argv(tiny_model_dir, tmp_path)) == 0
-    assert asked == ["question 1", "question 2"]
-    assert capsys.readouterr().out.count("answer: y  (0 searches)") == 2
-
-
-# ================================= search_api.py: the server, the client, training against a server
-
-# Passage tokens (lowercased, stopwords gone; the title line is indexed too) and lengths |d|:
-#   0 paris paris capital france               4
-#   1 lyon lyon city france saone river        6   (two lines of text; "saône" is one token)
-#   2 berlin berlin capital germany            4
-#   3 rhine rhine river germany france         5   N = 4, avgdl = 19 / 4
-SAPI_ROWS = [
-    {"id": "0", "contents": '"Paris"\nParis, capital of France.'},
-    {"id": "1", "contents": '"Lyon"\nLyon is a city in France.\nOn the Saône river.'},
-    {"id": "2", "contents": '"Berlin"\nBerlin, capital of Germany.'},
-    {"id": "3", "contents": '"Rhine"\nThe Rhine: a river of Germany and France.'},
-]
-
-
-SAPI_QUERIES = ["capital of France", "", "the", "Rhine river"]  # "" and "the" have no tokens
-
-
-def sapi_bm25(terms: list[tuple[int, int]], length: int, N=4, avgdl=19 / 4, k1=1.2, b=0.75) -> float:
-    """BM25 of one passage: terms = (tf in the passage, passages holding the term), |d| = length."""
-    return sum(math.log(1 + (N - n + 0.5) / (n + 0.5)) * tf * (k1 + 1)
-               / (tf + k1 * (1 - b + b * length / avgdl)) for tf, n in terms)
-
-
-def sapi_document(i: int) -> dict:
-    title, text = {"0": ('"Paris"', "Paris, capital of France."),
-                   "1": ('"Lyon"', "Lyon is a city in France.\nOn the Saône river."),
-                   "2": ('"Berlin"', "Berlin, capital of Germany."),
-                   "3": ('"Rhine"', "The Rhine: a river of Germany and France.")}[str(i)]
-    return {"id": str(i), "contents": f"{title}\n{text}", "title": title, "text": text}
-
-
-@pytest.fixture(scope="module")
-def sapi_index(tmp_path_factory) -> BM25Index:
-    folder = tmp_path_factory.mktemp("sapi")
-    corpus = folder / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(row) + "\n" for row in SAPI_ROWS))
-    return BM25Index.open(corpus, folder / "index")
-
-
-@pytest.fixture
-def sapi_serving():
-    """start(index) -> a SearchServer answering on 127.0.0.1 (free port) from a thread; all stopped after."""
-    servers = []
-    def start(index, server_class=SearchServer):
-        server = server_class(index, "127.0.0.1", 0)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return server
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def sapi_post(server, body: bytes, path="/retrieve", method="POST", length: str | None = "auto"):
-    """One raw request on a fresh connection -> (status, headers, JSON answer)."""
-    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
-    try:
-        connection.putrequest(method, path)
-        if length is not None:
-            connection.putheader("Content-Length", str(len(body)) if length == "auto" else length)
-        connection.endheaders(body if length == "auto" else None)
-        response = connection.getresponse()
-        return response.status, dict(response.getheaders()), json.loads(response.read())
-    finally:
-        connection.close()
-
-
-def test_server_answers_a_batch_in_search_r1s_layout_with_the_in_process_passages_and_scores(
-        sapi_index, sapi_serving):
-    server = sapi_serving(sapi_index)
-    request = {"queries": SAPI_QUERIES, "topk": None, "return_scores": True}  # topk null: the default, 3
-    status, headers, answer = sapi_post(server, json.dumps(request).encode())
-    capital, france = (1, 2), (1, 3)  # (tf, passages holding the term)
-    expected = {"result": [
-        [{"document": sapi_document(0), "score": pytest.approx(sapi_bm25([capital, france], 4), rel=1e-6)},
-         {"document": sapi_document(2), "score": pytest.approx(sapi_bm25([capital], 4), rel=1e-6)},
-         {"document": sapi_document(3), "score": pytest.approx(sapi_bm25([france], 5), rel=1e-6)}],
-        [],
-        [],
-        [{"document": sapi_document(3), "score": pytest.approx(sapi_bm25([(2, 1), (1, 2)], 5), rel=1e-6)},
-         {"document": sapi_document(1), "score": pytest.approx(sapi_bm25([(1, 2)], 6), rel=1e-6)}],
-    ]}
-    assert (status, headers["Content-Type"]) == (200, "application/json")
-    assert answer == expected
-    # exactly what in-process search returns: same passages, same order, scores equal to the bit
-    in_process = sapi_index.search(SAPI_QUERIES, k=3)
-    assert [[item["document"] | {"score": item["score"]} for item in items]
-            for items in answer["result"]] == in_process
-
-    request = {"queries": SAPI_QUERIES, "topk": 1}  # no return_scores: the document objects alone
-    assert sapi_post(server, json.dumps(request).encode())[2] == {
-        "result": [[sapi_document(0)], [], [], [sapi_document(3)]]}
-
-
-def test_observation_built_from_the_servers_answer_equals_the_in_process_one(sapi_index, sapi_serving):
-    server = sapi_serving(sapi_index)
-    local = searchr1.make_search(searchr1.Config(corpus=str(Path(sapi_index.index_dir).parent / "corpus.jsonl"),
-                                                 index_dir=str(sapi_index.index_dir)))
-    remote = searchr1.make_search(searchr1.Config(search_url=server.url))
-    assert remote(SAPI_QUERIES) == local(SAPI_QUERIES)
-    assert remote(["Lyon"])[0] == 'Doc 1(Title: "Lyon") Lyon is a city in France.\nOn the Saône river.'
-
-
-def test_observations_from_the_server_equal_in_process_ones_on_real_wiki18_and_nq(sapi_serving, tmp_path):
-    index = BM25Index.open(DATA / "wiki18-sample-1000.jsonl", tmp_path / "wiki")
-    questions = [json.loads(line)["question"] for line in (DATA / "nq-test-17.jsonl").open()]
-    remote = RemoteIndex(sapi_serving(index).url)
-    for k in (1, 3, 10):
-        from_server, in_process = remote.search(questions, k), index.search(questions, k)
-        assert from_server == in_process
-        assert [format_passages(h) for h in from_server] == [format_passages(h) for h in in_process]
-
-
-BAD_REQUESTS = {  # what is wrong -> (request body, HTTP status, words the error must hold)
-    "invalid JSON": (b'{"queries": [', 400, "not valid JSON"),
-    "invalid UTF-8": (b'{"queries": ["\xff"]}', 400, "not valid JSON"),
-    "not an object": (b'["who?"]', 400, "JSON object"),
-    "no queries": (b'{"topk": 3}', 400, "'queries' must be a list of strings (it is missing)"),
-    "queries not a list": (b'{"queries": "who?"}', 400, "'queries' must be a list"),
-    "query not a string": (b'{"queries": ["who?", 7]}', 400, "queries[1] must be a string, got int"),
-    "topk 0": (b'{"queries": ["who?"], "topk": 0}', 400, "'topk' must be an integer from 1 to 100"),
-    "topk above the cap": (b'{"queries": ["who?"], "topk": 101}', 400, "got 101"),
-    "topk a string": (b'{"queries": ["who?"], "topk": "3"}', 400, "'topk'"),
-    "topk a bool": (b'{"queries": ["who?"], "topk": true}', 400, "'topk'"),
-    "return_scores not a bool": (b'{"queries": ["q"], "return_scores": "yes"}', 400, "'return_scores'"),
-    "too many queries": (json.dumps({"queries": ["q"] * (MAX_QUERIES + 1)}).encode(), 413,
-                         f"{MAX_QUERIES + 1:,} queries in one request; at most {MAX_QUERIES:,}"),
-}
-
-
-@pytest.mark.parametrize("problem", list(BAD_REQUESTS))
-def test_a_bad_body_gets_its_4xx_a_json_error_one_log_line_and_the_server_keeps_serving(
-        problem, sapi_index, sapi_serving, capsys):
-    server = sapi_serving(sapi_index)
-    body, expected_status, words = BAD_REQUESTS[problem]
-    status, headers, answer = sapi_post(server, body)
-    assert (status, headers["Connection"]) == (expected_status, "close")
-    assert list(answer) == ["error"] and words in answer["error"]
-    good = sapi_post(server, json.dumps({"queries": ["Rhine"], "topk": 1}).encode())
-    assert good[:1] == (200,) and good[2]["result"] == [[sapi_document(3)]]
-    log = capsys.readouterr().err.splitlines()  # one line for the error, none for the good request
-    assert len(log) == 1 and f"{expected_status} POST: {answer['error']}" in log[0]
-
-
-@pytest.mark.parametrize("method, path, length, expected_status, words", [
-    ("POST", "/search", "auto", 404, "no such path '/search'"),
-    ("GET", "/retrieve", None, 405, "GET is not allowed"),
-    ("PUT", "/retrieve", "auto", 405, "PUT is not allowed"),
-    ("POST", "/retrieve", None, 411, "Content-Length header is required"),
-    ("POST", "/retrieve", "twelve", 400, "Content-Length must be a byte count"),
-    ("POST", "/retrieve", str(MAX_BODY_BYTES + 1), 413, f"at most {MAX_BODY_BYTES:,}"),
-])
-def test_a_wrong_path_method_or_length_gets_its_4xx_before_the_body_is_read(
-        method, path, length, expected_status, words, sapi_index, sapi_serving):
-    server = sapi_serving(sapi_index)
-    # the 411, 400 and 413 requests send no body at all: the server must answer from the headers
-    status, headers, answer = sapi_post(server, b'{"queries": ["Rhine"]}', path, method, length)
-    assert status == expected_status and words in answer["error"]
-    if status == 405:
-        assert headers["Allow"] == "POST"
-    assert sapi_post(server, json.dumps({"queries": ["Rhine"], "topk": 1}).encode())[0] == 200
-
-
-def test_a_search_that_crashes_gets_a_500_without_its_traceback_and_the_server_goes_on(
-        sapi_index, sapi_serving, capsys):
-    class Flaky:
-        calls = 0
-        def search(self, queries, k):
-            Flaky.calls += 1
-            if Flaky.calls == 1:
-                raise RuntimeError("index file vanished")
-            return sapi_index.search(queries, k)
-    server = sapi_serving(Flaky())
-    status, _, answer = sapi_post(server, b'{"queries": ["Rhine"]}')
-    assert status == 500 and "index file vanished" not in answer["error"]
-    assert "RuntimeError: index file vanished" in capsys.readouterr().err  # the log has it
-    assert sapi_post(server, b'{"queries": ["Rhine"]}')[0] == 200
-
-
-class SapiScriptedHandler(http.server.BaseHTTPRequestHandler):
-    """Answers POSTs from `server.script` in turn: "drop" (close without answering) or (status, body)."""
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.seen += 1
-        step = self.server.script.pop(0)
-        if step == "drop":
-            self.close_connection = True
-            return
-        status, body = step
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def sapi_scripted():
-    """scripted(steps) -> (url, server): a fake Search-R1 server that misbehaves as told."""
-    servers = []
-    def scripted(script):
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SapiScriptedHandler)
-        server.script, server.seen = list(script), 0
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/retrieve", server
-    yield scripted
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-SAPI_GOOD = json.dumps({"result": [[{"document": {"id": 9, "contents": '"T"\nline one\nline two'},
-                                     "score": 2}]]}).encode()  # a dense server's id/contents only
-
-
-def test_client_retries_through_a_dropped_request_a_503_and_garbage_then_uses_the_answer(sapi_scripted):
-    url, server = sapi_scripted(["drop", (503, b'{"error": "busy"}'), (200, b"<html>oops</html>"),
-                                 (200, b'{"result": [[{"document": {}}]]}'), (200, SAPI_GOOD)])
-    hits = RemoteIndex(url, timeout=5, retries=4, backoff_s=0.01).search(["q"], k=1)
-    assert server.seen == 5
-    assert hits == [[{"id": "9", "contents": '"T"\nline one\nline two', "title": '"T"',
-                      "text": "line one\nline two", "score": 2.0}]]
-
-
-def test_client_gives_up_after_its_retries_with_the_url_and_the_last_problem(sapi_scripted):
-    url, server = sapi_scripted(["drop", "drop", (502, b"bad gateway")])
-    with pytest.raises(SearchUnavailable, match=rf"search server {url} failed after 3 attempt\(s\): "
-                                                r"HTTP 502: bad gateway"):
-        RemoteIndex(url, timeout=5, retries=2, backoff_s=0.01).search(["q"])
-    assert server.seen == 3
-
-
-def test_client_does_not_retry_a_4xx_and_shows_the_servers_error(sapi_index, sapi_serving):
-    url = sapi_serving(sapi_index).url
-    with pytest.raises(SearchUnavailable, match=r"after 1 attempt\(s\): HTTP 400: .*'topk' must be"):
-        RemoteIndex(url, retries=3, backoff_s=10).search(["q"], k=500)  # a retry would wait 10 s
-
-
-def test_client_fails_with_the_url_when_nothing_listens():
-    with socket.socket() as placeholder:  # a port that was free a moment ago, now closed
-        placeholder.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{placeholder.getsockname()[1]}/retrieve"
-    start = time.monotonic()
-    with pytest.raises(SearchUnavailable, match=rf"search server {url} failed after 3 attempt\(s\): "
-                                                r"ConnectionRefusedError: .*Connection refused") as caught:
-        RemoteIndex(url, timeout=2, retries=2, backoff_s=0.05).search(["q"])
-    assert isinstance(caught.value, OSError)  # the CLI's error path: "error: ...", exit code 2
-    assert 0.15 <= time.monotonic() - start < 5  # backoff 0.05 s, then 0.1 s
-
-
-def test_client_keeps_its_connection_only_for_calls_in_quick_succession(sapi_index, sapi_serving, monkeypatch):
-    class CountingServer(SearchServer):
-        connections = 0
-        def process_request(self, request, client_address):  # once per accepted connection
-            self.connections += 1
-            super().process_request(request, client_address)
-    server = sapi_serving(sapi_index, CountingServer)
-    remote = RemoteIndex(server.url)
-    for _ in range(3):
-        assert remote.search(["Rhine"], k=1) == sapi_index.search(["Rhine"], k=1)
-    assert server.connections == 1
-    assert sapi_post(server, b'{"queries": "x"}')[0] == 400  # another client's error closes only its own
-    monkeypatch.setattr(search_api, "KEEP_ALIVE_S", 0.0)  # as if the calls came minutes apart
-    remote.search(["Rhine"], k=1)
-    assert server.connections == 3
-
-
-def test_client_sends_one_request_per_batch_and_none_for_no_queries(sapi_index, sapi_serving):
-    seen = []  # the queries of each search the server ran
-    class Spy:
-        def search(self, queries, k):
-            seen.append(list(queries))
-            return sapi_index.search(queries, k)
-    remote = RemoteIndex(sapi_serving(Spy()).url)
-    assert remote.search([], k=3) == [] and seen == []
-    remote.search(SAPI_QUERIES, k=2)
-    assert seen == [SAPI_QUERIES]
-
-
-def test_serve_command_prints_url_and_size_answers_and_stops_cleanly_on_ctrl_c(sapi_index):
-    corpus = Path(sapi_index.index_dir).parent / "corpus.jsonl"
-    # A shell's background jobs start with SIGINT ignored, and Python then never raises
-    # KeyboardInterrupt: the child puts Python's Ctrl-C handler back before running searchr1.py.
-    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    process = subprocess.Popen([sys.executable, "-c", code, "searchr1.py", "serve", "--corpus", str(corpus),
-                                "--index-dir", str(sapi_index.index_dir), "--port", "0"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], 60)  # importing torch takes a few seconds
-        line = process.stdout.readline() if ready else ""
-        assert line.startswith("serving 4 passages at http://127.0.0.1:"), (line, process.poll())
-        url = line.split(" at ")[1].split()[0]
-        assert RemoteIndex(url, retries=0).search(SAPI_QUERIES) == sapi_index.search(SAPI_QUERIES)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0
-        assert process.stdout.read() == "stopped\n"
-        assert "Traceback" not in process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture(scope="module")
-def sapi_model_dir(tmp_path_factory):
-    """A random 2-layer Qwen2 with the real Qwen2.5 tokenizer, saved like a hub checkpoint."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("sapi-qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(folder)
-    return folder
-
-
-def sapi_search_then_answer(tokenizer):
-    """A logits hook: every trajectory searches "capital" in turn 0, then answers y (even rows) or z."""
-    search = tokenizer.encode("<search> capital </search>")
-    answers = [tokenizer.encode(f"<answer> {a} </answer>") for a in ("y", "z")]
-    def hook(logits, rows, turn, step):
-        forced = torch.full_like(logits, -1e9)
-        for i, row in enumerate(rows.tolist()):
-            target = search if turn == 0 else answers[row % 2]
-            forced[i, target[step] if step < len(target) else tokenizer.eos_token_id] = 0.0
-        return forced
-    return hook
-
-
-def test_training_that_loses_its_search_server_saves_its_last_step_and_resumes_when_it_is_back(
-        sapi_model_dir, sapi_index, sapi_serving, tmp_path, monkeypatch, capsys):
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-    monkeypatch.setattr(searchr1, "rollout", functools.partial(
-        rollout, logits_hook=sapi_search_then_answer(AutoTokenizer.from_pretrained(sapi_model_dir))))
-    monkeypatch.setattr(searchr1, "RemoteIndex", functools.partial(RemoteIndex, retries=1, backoff_s=0.01))
-    qa = tmp_path / "qa.jsonl"
-    qa.write_text("".join(json.dumps({"id": f"q{i}", "question": f"question {i}", "golden_answers": ["y"]}) + "\n"
-                          for i in range(4)))
-    run_dir = tmp_path / "run"
-    def train(url, *extra):
-        return searchr1.main(["train", "--model", str(sapi_model_dir), "--search-url", url, "--out-dir", str(run_dir),
-                              "--train-data", str(qa), "--eval-data", str(qa), "--device", "cpu",
-                              "--no-load-4bit", "--no-gradient-checkpointing", "--batch-size", "2",
-                              "--group-size", "2", "--mini-batch-size", "4", "--micro-batch-size", "4",
-                              "--max-turns", "1", "--max-new-tokens", "8", "--eval-size", "2",
-                              "--eval-batch-size", "2", "--steps", "2", "--save-every", "10",
-                              "--eval-every", "0", "--lr", "1e-2", *extra])
-
-    server = sapi_serving(sapi_index)
-    real_step = searchr1.train_step
-    after_step_1 = {}  # the adapter as step 1 left it
-    def lose_the_server_after_step_1(model, *args):
-        if after_step_1:
-            server.shutdown()
-            server.server_close()
-        stats = real_step(model, *args)
-        after_step_1.update({k: v.clone() for k, v in get_peft_model_state_dict(model).items()})
-        return stats
-    monkeypatch.setattr(searchr1, "train_step", lose_the_server_after_step_1)
-    assert train(server.url) == 2  # the CLI's error path
-    out, err = capsys.readouterr()
-    assert f"error: search server {server.url} failed after 2 attempt(s)" in err
-    assert f"search failed: saved step 1 to {run_dir}; continue with --resume" in out + err
-    checkpoints = run_dir / "checkpoints"
-    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 1  # save_every 10: the failure saved it
-    saved = load_file(checkpoints / "step-000001" / "adapter_model.safetensors")
-    # the failed step changed nothing: what was saved is the adapter step 1 left
-    assert saved.keys() == after_step_1.keys() and all(torch.equal(saved[k], after_step_1[k]) for k in saved)
-    assert torch.load(checkpoints / "step-000001" / "trainer_state.pt", weights_only=True)["step"] == 1
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()] == [1]
-
-    monkeypatch.setattr(searchr1, "train_step", real_step)
-    assert train(sapi_serving(sapi_index).url, "--resume") == 0  # the server is back (on a new port)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["searches"] == 1.0 for r in rows)
-    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 2
 
 
 # =================== tiny.py: the learning proof, and the tiny agent taken away (ask, eval, export)
@@ -2530,7 +1791,7 @@ def test_model_tiny_with_algo_ppo_samples_as_many_trajectories_a_step_as_grpo(mo
     same trajectories a step as GRPO's questions x group; a flag on the command line still wins;
     --model tiny-multihop picks the same defaults."""
     seen = []
-    monkeypatch.setitem(searchr1.COMMANDS, "train", (lambda cfg, args: seen.append(cfg), None, "train"))
+    monkeypatch.setitem(searchr1.COMMANDS, "train", cli.Command(lambda cfg, args: seen.append(cfg), "train"))
     for argv in (["--model", "tiny"], ["--model", "tiny", "--algo", "ppo"],
                  ["--model", "tiny", "--algo", "ppo", "--batch-size", "24"], ["--model", "tiny-multihop"]):
         assert searchr1.main(argv) == 0
@@ -2546,17 +1807,17 @@ def test_model_tiny_trains_on_the_cpu_in_float32_even_where_a_gpu_is_visible(mon
     """README's tiny results were made on the CPU in float32: `--model tiny` gives them on a GPU machine
     too, where --device auto would take the GPU and bfloat16; --device cuda still asks for the GPU."""
     seen = []
-    monkeypatch.setitem(searchr1.COMMANDS, "train", (lambda cfg, args: seen.append(cfg), None, "train"))
+    monkeypatch.setitem(searchr1.COMMANDS, "train", cli.Command(lambda cfg, args: seen.append(cfg), "train"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     for argv in (["--model", "tiny"], ["--model", "tiny-multihop"], ["--model", "tiny", "--device", "cuda"]):
         assert searchr1.main(argv) == 0
     tiny_cfg, multihop_cfg, asked = seen
     for cfg in (tiny_cfg, multihop_cfg):
-        device = searchr1.pick_device(cfg)
-        assert device.type == "cpu" and searchr1.pick_dtype(cfg, device)[0] == torch.float32
-    assert searchr1.pick_device(asked).type == "cuda"
-    assert searchr1.pick_device(searchr1.Config(model="qwen2.5-3b")).type == "cuda"  # a real model takes it
+        device = policy.pick_device(cfg)
+        assert device.type == "cpu" and policy.pick_dtype(cfg, device)[0] == torch.float32
+    assert policy.pick_device(asked).type == "cuda"
+    assert policy.pick_device(searchr1.Config(model="qwen2.5-3b")).type == "cuda"  # a real model takes it
 
 
 def test_tiny_prepare_reuses_the_warm_up_of_the_same_task_and_remakes_it_for_another(tmp_path, monkeypatch):
@@ -2646,7 +1907,7 @@ def test_the_multihop_agent_asked_a_held_out_question_looks_up_the_city_then_its
 def held_out_fact(run: Path) -> tuple[str, str]:
     """A held-out question of the tiny run and its answer."""
     config = json.loads((run / "config.json").read_text())
-    q = searchr1.load_qa(config["eval_data"])[0]
+    q = load_qa(config["eval_data"])[0]
     return q["question"], q["golden_answers"][0]
 
 
@@ -2656,7 +1917,7 @@ def test_the_tiny_agent_just_trained_can_be_asked_and_evaluated(tiny_runs, capsy
     assert searchr1.main(["ask", "--model", "tiny", "--adapter", str(run), question]) == 0
     shown = capsys.readouterr().out
     assert "<search>" in shown and "[found: " in shown and f"answer: {answer}" in shown
-    qa = write_jsonl(tmp_path / "held_out.jsonl", searchr1.load_qa(json.loads((run / "config.json").read_text())
+    qa = write_jsonl(tmp_path / "held_out.jsonl", load_qa(json.loads((run / "config.json").read_text())
                                                                    ["eval_data"])[:20])
     assert searchr1.main(["eval", "--model", "tiny", "--adapter", str(run / "checkpoints" / "step-000008"),
                           "--datasets", str(qa), "--methods", "search-r1", "--out-dir", str(tmp_path / "eval")]) == 0
@@ -2671,10 +1932,10 @@ def test_export_writes_a_plain_model_whose_greedy_rollouts_equal_the_adapters(ti
     assert searchr1.main(["export", "--model", "tiny", "--adapter", str(run), "--out", str(out)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out)  # a plain transformers model: no peft, no adapter
     assert merged.dtype == torch.bfloat16 and not any("lora" in name for name, _ in merged.named_parameters())
-    cfg = searchr1.tiny_agent(replace(searchr1.Config(), **searchr1.TINY, model="tiny"), str(run))
-    tokenizer, adapted = searchr1.load_agent(cfg, str(run), torch.device("cpu"))
-    questions = searchr1.load_qa(json.loads((run / "config.json").read_text())["eval_data"])[:16]
-    search = searchr1.make_search(cfg)
+    cfg = agent.tiny_agent(replace(searchr1.Config(), **searchr1.TINY, model="tiny"), str(run))
+    tokenizer, adapted = agent.load_agent(cfg, str(run), torch.device("cpu"))
+    questions = load_qa(json.loads((run / "config.json").read_text())["eval_data"])[:16]
+    search = agent.make_search(cfg)
     greedy = cfg.rollout_config(greedy=True)
     prompts = [build_prompt(q["question"], tokenizer, chat=False) for q in questions]
     by_adapter = [t.response_ids for t in rollout(adapted, tokenizer, prompts, search, greedy)]

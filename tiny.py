@@ -65,9 +65,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval import write_atomic
 from retriever import BM25Index, format_passages
 from rollout import CACHE_KEYWORD, INVALID_ACTION, PROMPT_TEMPLATE, build_prompt, observation
+from runs import write_atomic
 
 # Every fact is (subject, attribute, value): an entity's, each attribute with its own 10 values
 VALUES = {
@@ -116,7 +116,7 @@ class TinyTask:
     seed: int = 0
 
 
-# The tasks `--model` names: one lookup a question, or two chained ones. Multi-hop (measured, README):
+# The tasks `--model` names: one lookup a question, or two chained ones. Multi-hop (measured, docs/tiny.md):
 # with 10 cities their facts were memorised instead of read; with 10% of the two-hop warm-up chaining
 # (30% first) sampling found the second search only at step 19, with 5% never
 TASKS = {"tiny": TinyTask(),

@@ -1,0 +1,252 @@
+"""The run folder: what a training run leaves on disk, and how it is continued.
+
+Read by searchr1.py's train, by agent.py and commands.py (which read runs) and tiny.py; a first read
+may skip it.
+
+    <run>/config.json        the settings, written when the run starts
+    <run>/metrics.jsonl      a row a step: the step's means (searchr1.train_step) and evaluations
+    <run>/samples.jsonl      a few trajectories a step, written out whole (sample_rows)
+    <run>/eval/step-N.json   every prediction of each evaluation
+    <run>/checkpoints/       step-N/ (the LoRA adapter in peft's format, PPO's critic and value head,
+                             the optimizer, scheduler and loss scaler) and latest.json naming the newest
+
+Every file is written whole or not at all (a temporary file, then a rename), so a killed run never
+leaves half a checkpoint; a folder that holds a run is continued (--resume, the same settings) or
+started over (--overwrite), never overwritten by accident. Nothing loaded runs code: the adapter is
+safetensors, the trainer state a torch.load with weights_only.
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cli import NothingToDo, UsageError, flag
+from eval import extract_answer, summarize
+from ppo import CRITIC
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file, then rename it: a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_predictions(path: Path, settings: dict, predictions: list[dict]) -> None:
+    """One (method, dataset) cell: the settings that made it, its means, and every prediction."""
+    cell = {"settings": settings, **summarize(predictions), "predictions": predictions}
+    write_atomic(path, json.dumps(cell, indent=1, ensure_ascii=False) + "\n")
+
+
+def saved_predictions(path: Path, settings: dict, questions: list[dict]) -> list[dict] | None:
+    """The predictions saved at `path` when they were made with these settings on these questions."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or unreadable: evaluate again
+        return None
+    predictions = saved.get("predictions", [])
+    same_questions = [p["id"] for p in predictions] == [q["id"] for q in questions]
+    return predictions if saved.get("settings") == settings and same_questions else None
+
+
+# What a run folder holds besides config.json; --overwrite deletes these (tiny's task/ stays).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval", "metrics.png")
+# Settings a resumed run may change: how long it runs, how often it saves and reports, and how the
+# same work is cut for memory. Any other difference changes what the run computes.
+RESUMABLE = {"steps", "resume", "overwrite", "out_dir", "save_every", "keep_checkpoints", "eval_every",
+             "eval_batch_size", "rollout_batch_size", "micro_batch_size", "samples", "device", "index_dir",
+             "search_url", "rollout_weights"}
+
+
+def check_run_folder(run: Path, cfg, derived: tuple = ()) -> None:
+    """Before any work: a folder that holds a run is continued (--resume, same settings) or started
+    over (--overwrite), never overwritten by accident. derived: settings not compared (tiny's paths)."""
+    latest = run / "checkpoints" / "latest.json"
+    if not cfg.resume:
+        if not cfg.overwrite and any((run / name).exists() for name in RUN_FILES[:2]):
+            raise UsageError(f"{run} holds a run already: continue it with --resume, or start it over with "
+                             "--overwrite (which deletes its checkpoints and metrics)")
+        return
+    if not latest.is_file():
+        raise UsageError(f"--resume: no checkpoint in {run} (looked for {latest})")
+    saved = json.loads((run / "config.json").read_text())
+    ignored = RESUMABLE | set(derived)
+    differ = [f"{flag(k)} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+              if k not in ignored and k in saved and saved[k] != v]
+    if differ:
+        raise UsageError(f"--resume: settings differ from the run in {run}: {'; '.join(differ)} "
+                         "(resume with the run's settings, or give a new --out-dir)")
+    step = json.loads(latest.read_text())["step"]
+    if cfg.steps <= step:
+        raise NothingToDo(f"{run} is at step {step} of --steps {cfg.steps}: nothing to do "
+                          f"(a larger --steps trains on)")
+
+
+def start(run: Path, cfg) -> None:
+    """Rank 0, after check_run_folder: the folder made (emptied first with --overwrite) and the settings
+    written, or (--resume) the log rows after the last checkpoint forgotten, as the run redoes them."""
+    if cfg.resume:
+        step = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = run / name
+            rows = [json.loads(line) for line in path.open()] if path.exists() else []
+            write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["step"] <= step))
+        return
+    for name in RUN_FILES if cfg.overwrite else ():
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    write_atomic(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def append(path: Path, rows: list[dict]) -> None:
+    """Rows at the end of a JSONL log (metrics.jsonl, samples.jsonl)."""
+    with path.open("a", encoding="utf-8") as log:
+        log.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """Ctrl-C once: the loop sees `stop` true, finishes its step, saves and exits; twice: exit now."""
+    stop = []
+    def on_interrupt(*_):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        tqdm.write("interrupted: saving after this step (Ctrl-C again to quit without saving)")
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+
+def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, keep: int = 0, scaler=None):
+    """Atomic: write checkpoints/step-N.tmp, rename it, then repoint latest.json (os.replace).
+    keep: how many of the newest checkpoints stay; 0 = all."""
+    root = run / "checkpoints"
+    final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)                       # the LoRA adapter, in peft's format
+    if CRITIC in model.peft_config:                  # PPO: the critic adapter went to tmp/critic/; its head
+        from safetensors.torch import save_file
+        save_file(model.value_head.state_dict(), tmp / "value_head.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                **({"scaler": scaler.state_dict()} if scaler else {})}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_atomic(root / "latest.json", json.dumps({"step": step, "path": final.name}))
+    if keep:                                         # only the newest `keep` (names sort by step)
+        for old in sorted(root.glob("step-??????"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_adapter(model, folder: Path, adapter: str = "default"):
+    """Put the LoRA weights saved in `folder` (peft's adapter_model.safetensors) into `model`'s
+    adapter named `adapter` (the policy's, or PPO's critic)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"), adapter_name=adapter)
+    missing = [key for key in result.missing_keys if "lora_" in key and f".{adapter}." in key]  # this adapter's
+    if missing or result.unexpected_keys:
+        raise UsageError(f"{folder}: the adapter does not fit this model ({len(missing)} LoRA weights "
+                         f"missing, {len(result.unexpected_keys)} unexpected): was it trained on another base?")
+
+
+def checkpoint_folder(adapter: str) -> Path:
+    """--adapter: a checkpoint folder as it is, or a run folder's latest checkpoint."""
+    folder, latest = Path(adapter), Path(adapter) / "checkpoints" / "latest.json"
+    if latest.is_file():
+        folder = latest.parent / json.loads(latest.read_text())["path"]
+    if not (folder / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {adapter}: no adapter_config.json there; give a checkpoint folder "
+                         "(<run>/checkpoints/step-N) or a run folder")
+    return folder
+
+
+def load_checkpoint(run: Path, model, optimizer, scheduler, scaler=None) -> int:
+    """Restore adapter, optimizer and scheduler from the last checkpoint; returns its step."""
+    latest = run / "checkpoints" / "latest.json"
+    if not latest.exists():
+        raise UsageError(f"--resume: no checkpoint in {run} (looked for {latest})")
+    ckpt = run / "checkpoints" / json.loads(latest.read_text())["path"]
+    load_adapter(model, ckpt)
+    if CRITIC in model.peft_config:  # PPO: the critic adapter (peft's subfolder) and the value head
+        from safetensors.torch import load_file
+        load_adapter(model, ckpt / CRITIC, CRITIC)
+        model.value_head.load_state_dict(load_file(ckpt / "value_head.safetensors"))
+    # weights_only: the unpickler accepts tensors and plain containers only, never code
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    return state["step"]
+
+
+def sample_rows(step: int, questions, trajectories, rewards, tokenizer, cfg) -> list[dict]:
+    """A seeded choice of cfg.samples trajectories, written out whole: what the policy wrote,
+    what the search engine returned (the `segments` alternate), its queries, answer and reward."""
+    chosen = sorted(random.Random(cfg.seed * 1_000_003 + step).sample(range(len(trajectories)),
+                                                                      min(cfg.samples, len(trajectories))))
+    rows = []
+    for i in chosen:
+        t, q = trajectories[i], questions[i // cfg.samples_per_question]
+        segments, start = [], 0  # runs of equal loss_mask: 1 = written by the policy, 0 = inserted
+        # (passages, or the invalid-action message: "search" for both)
+        for end in range(1, len(t.loss_mask) + 1):
+            if end == len(t.loss_mask) or t.loss_mask[end] != t.loss_mask[start]:
+                by = "policy" if t.loss_mask[start] else "search"
+                segments.append({"by": by, "text": tokenizer.decode(t.response_ids[start:end])})
+                start = end
+        rows.append({"step": step, "question": q["question"], "golden_answers": q["golden_answers"],
+                     "segments": segments, "queries": t.queries, "answer": extract_answer(t.text),
+                     "reward": rewards[i].item()})
+    return rows
+
+
+PANELS = [("reward", "training reward"), ("eval_em", "held-out EM (greedy)"), ("searches", "searches per trajectory"),
+          ("response_len", "response tokens"), ("kl", "KL to the reference"), ("clip_frac", "clip fraction"),
+          ("entropy", "entropy"), ("value_loss", "value loss (PPO)")]
+
+
+def plot_runs(runs: list[Path], png: Path) -> Path:
+    """One figure of each run's metrics.jsonl against the step, a panel per quantity, runs overlaid."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    logs = {}
+    for run in runs:
+        if not (run / "metrics.jsonl").is_file():
+            raise UsageError(f"{run}: no metrics.jsonl there (is it a run folder?)")
+        algo = json.loads((run / "config.json").read_text())["algo"].upper() if (run / "config.json").is_file() else "?"
+        logs[f"{run.name} ({algo})"] = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    panels = [(key, title) for key, title in PANELS if any(key in r for rows in logs.values() for r in rows)]
+    columns = min(4, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // columns), columns, figsize=(3.6 * columns, 2.8 * -(-len(panels) // columns)),
+                             squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for i, (label, rows) in enumerate(logs.items()):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:  # held-out EM exists only where evaluated: markers, sized so equal values stay visible
+                ax.plot(*zip(*points), ("o--" if key == "eval_em" else "-"), color=f"C{i}",
+                        markersize=8 - 2 * (i % 3), label=label)
+        ax.set(title=title, xlabel="step", **({"ylim": (-0.02, 1.02)} if key in ("reward", "eval_em") else {}))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
