@@ -60,11 +60,12 @@ def evaluate(model, tokenizer, questions, search, cfg, desc: str = "eval", promp
     return predictions
 
 
-def load_agent(cfg, adapter: str, device):
-    """load_policy, with a trained adapter put in: a checkpoint folder, or a run folder (its latest)."""
+def load_agent(cfg, adapter: str, device, which: str = "latest"):
+    """load_policy, with a trained adapter put in: a checkpoint folder, or a run folder's latest or
+    best checkpoint (`which`)."""
     if not adapter:
         return load_policy(cfg, device)  # a fresh adapter adds exactly 0: the model as it is
-    folder = checkpoint_folder(adapter)
+    folder, _ = checkpoint_folder(adapter, which)
     lora = json.loads((folder / "adapter_config.json").read_text())  # the shapes it was trained with
     cfg = dataclasses.replace(cfg, lora_r=lora["r"], lora_alpha=lora["lora_alpha"],
                               lora_targets=lora["target_modules"])

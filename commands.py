@@ -9,6 +9,7 @@ import dataclasses
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from cli import Command, UsageError
 from eval import BENCHMARKS, METHODS, baseline_prompt, em_table, extract_answer, load_qa, summarize
 from policy import pick_device, resolve_model, uses_chat_template
 from rollout import build_prompt, encode_prompt, rollout
-from runs import plot_runs, save_predictions, saved_predictions, write_atomic
+from runs import checkpoint_folder, plot_runs, save_predictions, saved_predictions, write_atomic
 from search_api import serve
 
 def method_prompts(method: str, tokenizer, chat: bool, search):
@@ -33,10 +34,7 @@ def method_prompts(method: str, tokenizer, chat: bool, search):
     return prompts
 
 
-# what makes a saved (method, dataset) result reusable by a resumed `eval`
-
-
-# what makes a saved (method, dataset) result reusable by a resumed `eval`
+# what makes a saved (method, dataset) result reusable by a resumed `eval` (and the checkpoint)
 EVAL_SETTINGS = ("model", "chat", "load_4bit", "corpus", "search_url", "topk", "max_turns", "max_new_tokens",
                  "max_obs_tokens", "seed")
 
@@ -53,7 +51,8 @@ def command_eval(cfg, args) -> None:
     if len(set(names)) < len(names):
         raise UsageError(f"--datasets: two datasets share a name ({', '.join(names)}); rename a file")
     out = Path(cfg.out_dir or (Path(args.adapter) / "eval" if args.adapter else f"runs/eval/{Path(cfg.model).name}"))
-    settings = {key: getattr(cfg, key) for key in EVAL_SETTINGS} | {"adapter": args.adapter, "limit": args.limit}
+    taken = str(checkpoint_folder(args.adapter, args.checkpoint)[0]) if args.adapter else ""  # latest moves on
+    settings = {key: getattr(cfg, key) for key in EVAL_SETTINGS} | {"adapter": taken, "limit": args.limit}
     cells, todo = {}, []  # (method, dataset name) -> predictions; cells still to evaluate
     for source, name in zip(sources, names):
         questions = load_qa(source)
@@ -65,7 +64,7 @@ def command_eval(cfg, args) -> None:
             if cells[method, name] is None:
                 todo.append((method, name, questions, cell))
     if todo:  # nothing is loaded when every cell was saved by an earlier run
-        tokenizer, model = load_agent(cfg, args.adapter, pick_device(cfg))
+        tokenizer, model = trained_agent(cfg, args, pick_device(cfg))
         search = make_search(cfg) if any(method != "direct" for method, *_ in todo) else None
     for method, name, questions, cell in todo:
         # the baselines answer in one turn that runs no search: max_turns 0
@@ -86,7 +85,7 @@ def command_eval(cfg, args) -> None:
 def command_ask(cfg, args) -> None:
     """Greedy Search-R1 rollouts of one question at a time, printed as they are sampled."""
     cfg = tiny_agent(cfg, args.adapter)
-    tokenizer, model = load_agent(cfg, args.adapter, pick_device(cfg))
+    tokenizer, model = trained_agent(cfg, args, pick_device(cfg))
     search, chat = make_search(cfg), uses_chat_template(cfg, tokenizer)
 
     def search_and_show(queries):
@@ -136,7 +135,7 @@ def command_export(cfg, args) -> None:
         raise UsageError(f"--out {out}: the folder is not empty; give a new one")
     # a 16-bit merge needs 16-bit base weights: load them unquantized (on a GPU when --device finds one)
     cfg = dataclasses.replace(tiny_agent(cfg, args.adapter), load_4bit=False, gradient_checkpointing=False)
-    tokenizer, model = load_agent(cfg, args.adapter, pick_device(cfg))
+    tokenizer, model = trained_agent(cfg, args, pick_device(cfg))
     merged = model.merge_and_unload()                   # W <- W + (alpha / r) B A, the adapter gone
     tmp = out.with_name(out.name + ".tmp")              # written whole, then renamed into place
     merged.to(getattr(torch, args.dtype)).save_pretrained(tmp)
@@ -157,10 +156,20 @@ def command_serve(cfg, args) -> None:
     serve(open_index(cfg), args.host, args.port, default_topk=cfg.topk)
 
 
+def trained_agent(cfg, args, device):
+    """load_agent for --adapter and --checkpoint, saying on stderr which checkpoint it took."""
+    if args.adapter:
+        print(checkpoint_folder(args.adapter, args.checkpoint)[1], file=sys.stderr)
+    return load_agent(cfg, args.adapter, device, args.checkpoint)
+
+
 def adapter_argument(parser: argparse.ArgumentParser):
     parser.add_argument("--adapter", default="", help="a LoRA adapter from training: a checkpoint folder "
-                        "(<run>/checkpoints/step-N) or a run folder (its latest checkpoint); --model is its "
-                        "base (default: none, the model as it is)")
+                        "(<run>/checkpoints/step-N) or a run folder (its checkpoint of --checkpoint); --model "
+                        "is its base (default: none, the model as it is)")
+    parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"),
+                        help="with a run folder as --adapter: its latest checkpoint, or the one with the best "
+                             "held-out EM (default: latest)")
 
 
 def eval_arguments(parser: argparse.ArgumentParser):

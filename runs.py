@@ -17,6 +17,7 @@ safetensors, the trainer state a torch.load with weights_only.
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -62,7 +63,7 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval", "metrics.p
 # same work is cut for memory. Any other difference changes what the run computes.
 RESUMABLE = {"steps", "resume", "overwrite", "out_dir", "save_every", "keep_checkpoints", "eval_every",
              "eval_batch_size", "rollout_batch_size", "micro_batch_size", "samples", "device", "index_dir",
-             "search_url", "rollout_weights"}
+             "search_url", "rollout_weights", "report_to"}
 
 
 def check_run_folder(run: Path, cfg, derived: tuple = ()) -> None:
@@ -96,14 +97,19 @@ def start(run: Path, cfg) -> None:
         step = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
         for name in ("metrics.jsonl", "samples.jsonl"):
             path = run / name
-            rows = [json.loads(line) for line in path.open()] if path.exists() else []
-            write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["step"] <= step))
+            kept = [r for r in rows(path) if r["step"] <= step]
+            write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         return
     for name in RUN_FILES if cfg.overwrite else ():
         path = run / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
     write_atomic(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def rows(path: Path) -> list[dict]:
+    """The rows of a JSONL log (metrics.jsonl, samples.jsonl); none when it does not exist yet."""
+    return [json.loads(line) for line in path.open(encoding="utf-8")] if path.exists() else []
 
 
 def append(path: Path, rows: list[dict]) -> None:
@@ -128,6 +134,28 @@ def stop_on_ctrl_c():
         signal.signal(signal.SIGINT, previous_handler)
 
 
+def evaluates(cfg, step: int) -> bool:
+    """Whether the run evaluates after step `step` (from 1): every eval_every steps, and the last."""
+    return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+
+
+def time_plan(stats: dict, cfg, start: int, questions: int) -> str:
+    """What the rest of the run takes, from its first step: every step as long as that one, and each
+    evaluation as long as its rollout calls (one per eval_batch_size questions), a call taken to
+    cost what one of the step's rollout calls cost -- decoding is bound by the kernels launched a
+    token, not by the rows in the batch."""
+    calls = -(-questions // cfg.rollout_batch_size)
+    evals = sum(evaluates(cfg, s) for s in range(start + 1, cfg.steps + 1))
+    eval_s = -(-cfg.eval_size // cfg.eval_batch_size) * stats["rollout_s"] / calls
+    left = (cfg.steps - start - 1) * stats["step_s"] + evals * eval_s
+    return (f"time plan: a step takes {stats['step_s'] / 60:.1f} min "
+            f"(rollout {stats['rollout_s']:.0f} s in {calls} call{'s' * (calls > 1)} of up to "
+            f"{cfg.rollout_batch_size} questions, log-probs {stats['logprob_s']:.0f} s, "
+            f"update {stats['update_s']:.0f} s), an evaluation ~{eval_s / 60:.1f} min: "
+            f"~{left / 3600:.1f} h more for the {cfg.steps - start - 1} steps and {evals} "
+            f"evaluation{'s' * (evals != 1)} left")
+
+
 def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, keep: int = 0, scaler=None):
     """Atomic: write checkpoints/step-N.tmp, rename it, then repoint latest.json (os.replace).
     keep: how many of the newest checkpoints stay; 0 = all."""
@@ -143,9 +171,23 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, keep: int
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_atomic(root / "latest.json", json.dumps({"step": step, "path": final.name}))
-    if keep:                                         # only the newest `keep` (names sort by step)
+    if keep:  # only the newest `keep` (names sort by step), and the best, whatever its age
+        best = best_checkpoint(run)
         for old in sorted(root.glob("step-??????"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if not best or old.name != best["path"]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def mark_best(run: Path, step: int, eval_em: float) -> None:
+    """best.json beside latest.json: the checkpoint of step `step`, whose held-out EM is the run's best."""
+    write_atomic(run / "checkpoints" / "best.json",
+                 json.dumps({"step": step, "path": f"step-{step:06d}", "eval_em": eval_em}))
+
+
+def best_checkpoint(run: Path) -> dict | None:
+    """{"step", "path", "eval_em"} of the run's best held-out EM so far, or None before any."""
+    best = run / "checkpoints" / "best.json"
+    return json.loads(best.read_text()) if best.is_file() else None
 
 
 def load_adapter(model, folder: Path, adapter: str = "default"):
@@ -160,15 +202,25 @@ def load_adapter(model, folder: Path, adapter: str = "default"):
                          f"missing, {len(result.unexpected_keys)} unexpected): was it trained on another base?")
 
 
-def checkpoint_folder(adapter: str) -> Path:
-    """--adapter: a checkpoint folder as it is, or a run folder's latest checkpoint."""
-    folder, latest = Path(adapter), Path(adapter) / "checkpoints" / "latest.json"
-    if latest.is_file():
-        folder = latest.parent / json.loads(latest.read_text())["path"]
+def checkpoint_folder(adapter: str, which: str = "latest") -> tuple[Path, str]:
+    """--adapter: a checkpoint folder as it is, or a run folder's latest or best checkpoint
+    (--checkpoint); returns the folder and a line saying which it is."""
+    folder, root = Path(adapter), Path(adapter) / "checkpoints"
+    said = f"adapter: {folder}"
+    if (root / "latest.json").is_file():
+        best = best_checkpoint(folder)
+        if which == "best" and not best:
+            raise UsageError(f"--checkpoint best: {adapter} has no best.json yet (no evaluation has run)")
+        picked = best if which == "best" else json.loads((root / "latest.json").read_text())
+        folder = root / picked["path"]
+        said = (f"adapter: {folder}, the run's {which}: step {picked['step']}"
+                + (f", held-out EM {best['eval_em']:.3f} (its best)" if which == "best" else ""))
+        if which == "latest" and best:
+            said += f" (the best, EM {best['eval_em']:.3f}, is step {best['step']}: --checkpoint best)"
     if not (folder / "adapter_config.json").is_file():
         raise UsageError(f"--adapter {adapter}: no adapter_config.json there; give a checkpoint folder "
                          "(<run>/checkpoints/step-N) or a run folder")
-    return folder
+    return folder, said
 
 
 def load_checkpoint(run: Path, model, optimizer, scheduler, scaler=None) -> int:
@@ -191,13 +243,16 @@ def load_checkpoint(run: Path, model, optimizer, scheduler, scaler=None) -> int:
     return state["step"]
 
 
-def sample_rows(step: int, questions, trajectories, rewards, tokenizer, cfg) -> list[dict]:
-    """A seeded choice of cfg.samples trajectories, written out whole: what the policy wrote,
-    what the search engine returned (the `segments` alternate), its queries, answer and reward."""
-    chosen = sorted(random.Random(cfg.seed * 1_000_003 + step).sample(range(len(trajectories)),
-                                                                      min(cfg.samples, len(trajectories))))
+def sample_rows(step: int, questions, trajectories, rewards, tokenizer, cfg,
+                flagged: dict[int, list[str]] | None = None) -> list[dict]:
+    """A seeded choice of cfg.samples trajectories, and those that tripped a health check (flagged:
+    index -> the checks, health.flagged), written out whole: what the policy wrote, what the search
+    engine returned (the `segments` alternate), its queries, answer and reward, and `flagged`."""
+    flagged = flagged or {}
+    seeded = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(trajectories)),
+                                                               min(cfg.samples, len(trajectories)))
     rows = []
-    for i in chosen:
+    for i in sorted(set(seeded) | set(flagged)):
         t, q = trajectories[i], questions[i // cfg.samples_per_question]
         segments, start = [], 0  # runs of equal loss_mask: 1 = written by the policy, 0 = inserted
         # (passages, or the invalid-action message: "search" for both)
@@ -208,13 +263,66 @@ def sample_rows(step: int, questions, trajectories, rewards, tokenizer, cfg) -> 
                 start = end
         rows.append({"step": step, "question": q["question"], "golden_answers": q["golden_answers"],
                      "segments": segments, "queries": t.queries, "answer": extract_answer(t.text),
-                     "reward": rewards[i].item()})
+                     "reward": rewards[i].item(), "seeded": i in seeded,
+                     **({"flagged": flagged[i]} if i in flagged else {})})
     return rows
 
 
-PANELS = [("reward", "training reward"), ("eval_em", "held-out EM (greedy)"), ("searches", "searches per trajectory"),
-          ("response_len", "response tokens"), ("kl", "KL to the reference"), ("clip_frac", "clip fraction"),
-          ("entropy", "entropy"), ("value_loss", "value loss (PPO)")]
+class Reporters:
+    """--report-to: every step's numbers also to TensorBoard (event files in <run>/tensorboard) and
+    to wandb (a run kept in <run>/wandb; WANDB_MODE=offline needs no network, `wandb sync` uploads it
+    later). Neither is installed with searchr1: `pip install tensorboard` or `pip install wandb`."""
+
+    def __init__(self, run: Path, cfg, start: int, master: bool = True):
+        """start: the step the run starts after (a resumed run's checkpoint); the master alone reports."""
+        self.tensorboard = self.wandb = None
+        wanted = [name for name in cfg.report_to.split(",") if name] if master else []
+        if "tensorboard" in wanted:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise UsageError(f"--report-to tensorboard needs the tensorboard package: pip install "
+                                 f"tensorboard ({e})") from None
+            # a resumed run drops what it logged after its checkpoint, as metrics.jsonl does
+            self.tensorboard = SummaryWriter(run / "tensorboard", purge_step=start + 1 if start else None)
+        if "wandb" in wanted:
+            try:
+                import wandb
+            except ImportError as e:
+                raise UsageError(f"--report-to wandb needs the wandb package: pip install wandb ({e})") from None
+            run_id = hashlib.sha1(str(run.resolve()).encode()).hexdigest()[:12]  # resumes continue it
+            self.wandb = wandb.init(project="searchr1", name=run.name, id=run_id, resume="allow",
+                                    dir=str(run), config=dataclasses.asdict(cfg),
+                                    settings=wandb.Settings(console="off", silent=True))
+
+    def log(self, row: dict) -> None:
+        """The row's numbers (lists and text left out), at its step."""
+        numbers = {key: value for key, value in row.items()
+                   if isinstance(value, (int, float)) and key != "step"}
+        if self.tensorboard:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, row["step"])
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(numbers, step=row["step"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+PANELS = [("reward", "training reward"), ("eval_em", "held-out EM (greedy)"),
+          ("searches", "searches per trajectory"), ("response_len", "response tokens"),
+          ("kl", "KL to the reference"), ("clip_frac", "clip fraction"), ("entropy", "entropy"),
+          ("value_loss", "value loss (PPO)"),
+          # run health (health.py): the reasoning's format, groups that teach nothing, loops
+          ("format_ok", "format kept (share)"), ("no_signal_groups", "groups with no signal (share)"),
+          ("broken_tags", "broken tags per trajectory"), ("repeated_4grams", "repeated 4-grams (share)")]
 
 
 def plot_runs(runs: list[Path], png: Path) -> Path:
@@ -238,7 +346,12 @@ def plot_runs(runs: list[Path], png: Path) -> Path:
             if points:  # held-out EM exists only where evaluated: markers, sized so equal values stay visible
                 ax.plot(*zip(*points), ("o--" if key == "eval_em" else "-"), color=f"C{i}",
                         markersize=8 - 2 * (i % 3), label=label)
-        ax.set(title=title, xlabel="step", **({"ylim": (-0.02, 1.02)} if key in ("reward", "eval_em") else {}))
+        shares = ("reward", "eval_em", "format_ok", "no_signal_groups")
+        ax.set(title=title, xlabel="step", **({"ylim": (-0.02, 1.02)} if key in shares else {}))
+        for i, rows in enumerate(logs.values()):  # the first health warning of each run, dotted
+            warned = [r["step"] for r in rows if r.get("warnings")]
+            if warned:
+                ax.axvline(warned[0], color=f"C{i}", linestyle=":", linewidth=1)
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

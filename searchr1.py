@@ -54,6 +54,7 @@ from tqdm import tqdm
 import cli
 import distributed
 import grpo
+import health
 import ppo
 import runs
 import tiny
@@ -193,10 +194,14 @@ class Config:
     eval_size: int = opt(200, "held-out questions evaluated, greedy")
     eval_batch_size: int = opt(32, "questions per greedy evaluation rollout")
     save_every: int = opt(10, "steps between checkpoints")
-    keep_checkpoints: int = opt(0, "checkpoints kept, the newest; 0 = every one (Qwen2.5-3B: 0.36 "
-                                   "GB each)")
+    keep_checkpoints: int = opt(0, "checkpoints kept, the newest, and always the best held-out "
+                                   "EM's (best.json); 0 = every one (Qwen2.5-3B: 0.36 GB each)")
     samples: int = opt(4, "trajectories a step written out in full to samples.jsonl (a seeded "
-                          "choice); 0 = none")
+                          "choice), beside those that trip a health check (health.py); 0 = none")
+    report_to: str = opt("", "also log each step's numbers to 'tensorboard' (<run>/tensorboard) "
+                             "or 'wandb' (<run>/wandb; WANDB_MODE=offline needs no network), or "
+                             "'tensorboard,wandb'; each installed only when asked: pip install "
+                             "tensorboard / wandb")
     seed: int = opt(0, "seeds data order and sampling")
     device: str = opt("auto", "'auto' (CUDA if present), 'cuda' or 'cpu'")
     dtype: str = opt("auto", "compute dtype: 'auto' (bfloat16 on GPUs that have it, float16 with "
@@ -229,6 +234,9 @@ class Config:
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{flag(name)} {getattr(self, name)!r}: choose one of "
                                  f"{', '.join(allowed)}")
+        if unknown := set(filter(None, self.report_to.split(","))) - {"tensorboard", "wandb"}:
+            raise UsageError(f"--report-to {self.report_to!r}: {', '.join(sorted(unknown))} is not "
+                             "tensorboard or wandb")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UsageError(f"--device {self.device!r}: choose auto, cpu, cuda or cuda:N")
         rules = [  # (fields, test, what the value must be)
@@ -447,11 +455,9 @@ def train(cfg: Config) -> dict:
     if master:
         runs.start(run, cfg)
         search = make_search(cfg)  # builds the index the first time, once
-    # the other ranks open the index the master built (memory-mapped: shared pages)
-    distributed.barrier()
+    distributed.barrier()  # then the other ranks open the index the master built (shared pages)
     search = search if master else make_search(cfg)
-    # LoRA's A matrices start random: same seed, same run (on every rank)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: the same on every rank
     tokenizer, model = load_policy(cfg, device)
     cfg, budget = fit_to_memory(cfg, model, tokenizer, train_qs, device)
     optimizer, scheduler, scaler, precision = make_optimizer(model, cfg, device, run)
@@ -461,8 +467,11 @@ def train(cfg: Config) -> dict:
     def save(step: int) -> None:
         runs.save_checkpoint(run, step, model, optimizer, scheduler, cfg.keep_checkpoints, scaler)
     rank_cfg = dataclasses.replace(cfg, mini_batch_size=cfg.mini_batch_size // ranks)  # its share
+    # the health checks (health.py), knowing a resumed run's past
+    monitor = health.Monitor(runs.rows(run / "metrics.jsonl") if master else [])
+    best_em = (runs.best_checkpoint(run) or {"eval_em": -1.0})["eval_em"]
     result = {}
-    with runs.stop_on_ctrl_c() as stop:
+    with runs.stop_on_ctrl_c() as stop, runs.Reporters(run, cfg, start, master) as reporters:
         bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps,
                    disable=not master)
         for step in bar:
@@ -488,25 +497,47 @@ def train(cfg: Config) -> dict:
                     break
                 continue
             if step == start:
-                tqdm.write(time_plan(stats, cfg, start, len(questions)))
+                tqdm.write(runs.time_plan(stats, cfg, start, len(questions)))
             row["peak_mem_gb"] = peak_memory_gb(device)
-            if evaluates(cfg, step + 1):
+            best = False  # a new best held-out EM: its checkpoint stays (--keep-checkpoints)
+            if runs.evaluates(cfg, step + 1):
                 predictions = evaluate(model, tokenizer, eval_qs, search, cfg)
                 runs.save_predictions(run / "eval" / f"step-{step + 1:06d}.json",
                                       {"step": step + 1}, predictions)
                 result = summarize(predictions)
                 row.update({f"eval_{k}": v for k, v in result.items()})
-            runs.append(run / "metrics.jsonl", [row])
-            runs.append(run / "samples.jsonl", runs.sample_rows(step + 1, questions, trajectories,
-                                                                rewards, tokenizer, cfg))
+                best, best_em = result["em"] > best_em, max(result["em"], best_em)
+            record_step(run, row, questions, trajectories, rewards, tokenizer, cfg, monitor,
+                        reporters)
             bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}",
-                            searches=f"{row['searches']:.2f}")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
+                            **monitor.bar(row))
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop or best:
                 save(step + 1)
+            if best:
+                runs.mark_best(run, step + 1, best_em)
             if stop:
                 tqdm.write(f"saved step {step + 1} to {run}; continue with --resume")
                 break
     return result
+
+
+def record_step(run: Path, row: dict, questions, trajectories, rewards, tokenizer, cfg: Config,
+                monitor: health.Monitor, reporters: runs.Reporters) -> None:
+    """The master's record of a step: the health signals of its trajectories into its row, a line
+    for each health check it trips (health.py), the row to metrics.jsonl (and --report-to), and the
+    seeded and the flagged trajectories to samples.jsonl. Under torchrun, the master's share."""
+    asked = [q["question"] for q in questions]
+    row.update(health.step_signals(trajectories, rewards.tolist(), cfg.samples_per_question, asked))
+    if warnings := monitor.check(row, row["step"]):
+        row["warnings"] = [w.signal for w in warnings]
+        for w in warnings:
+            tqdm.write(f"warning at step {row['step']}: {w.message}")
+    runs.append(run / "metrics.jsonl", [row])
+    reporters.log(row)
+    flagged = health.flagged(trajectories, rewards.tolist(), cfg.samples_per_question, asked)
+    samples = runs.sample_rows(row["step"], questions, trajectories, rewards, tokenizer, cfg,
+                               flagged)
+    runs.append(run / "samples.jsonl", samples)
 
 
 def check_trainable(cfg: Config, device) -> None:
@@ -534,28 +565,6 @@ def make_optimizer(model, cfg: Config, device, run: Path):
     precision = (f"compute dtype: {str(dtype).removeprefix('torch.')} ({why}); LoRA weights and "
                  "AdamW in float32")
     return optimizer, make_scheduler(optimizer, cfg, steps), scaler, precision
-
-
-def evaluates(cfg: Config, step: int) -> bool:
-    """Whether the run evaluates after step `step` (from 1): every eval_every steps, and the last."""
-    return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
-
-
-def time_plan(stats: dict, cfg: Config, start: int, questions: int) -> str:
-    """What the rest of the run takes, from its first step: every step as long as that one, and each
-    evaluation as long as its rollout calls (one per eval_batch_size questions), a call taken to
-    cost what one of the step's rollout calls cost -- decoding is bound by the kernels launched a
-    token, not by the rows in the batch."""
-    calls = -(-questions // cfg.rollout_batch_size)
-    evals = sum(evaluates(cfg, s) for s in range(start + 1, cfg.steps + 1))
-    eval_s = -(-cfg.eval_size // cfg.eval_batch_size) * stats["rollout_s"] / calls
-    left = (cfg.steps - start - 1) * stats["step_s"] + evals * eval_s
-    return (f"time plan: a step takes {stats['step_s'] / 60:.1f} min "
-            f"(rollout {stats['rollout_s']:.0f} s in {calls} call{'s' * (calls > 1)} of up to "
-            f"{cfg.rollout_batch_size} questions, log-probs {stats['logprob_s']:.0f} s, "
-            f"update {stats['update_s']:.0f} s), an evaluation ~{eval_s / 60:.1f} min: "
-            f"~{left / 3600:.1f} h more for the {cfg.steps - start - 1} steps and {evals} "
-            f"evaluation{'s' * (evals != 1)} left")
 
 
 def run_tiny(cfg: Config, task=None) -> dict:

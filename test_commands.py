@@ -2,66 +2,38 @@
 server (search_api.py): small, seeded, offline, each named for the behaviour it proves. Shared
 fixtures: conftest.py."""
 
-import copy
-import dataclasses
 import functools
-import gc
-import gzip
 import http.client
 import http.server
 import io
 import json
 import math
-import os
-import random
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from dataclasses import replace
-from itertools import groupby
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tantivy
 import torch
-from rank_bm25 import BM25Okapi
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-import bench
-import grpo
-import plan
-import rollout as rollout_chapter
-import search_api
-import searchr1
-import tiny
-from eval import (DataError, exact_match, extract_answer, load_qa, normalize_answer, read_qa_file,
-    sub_exact_match, token_f1)
-from grpo import clipped_policy_loss, group_advantages, grpo_loss, low_var_kl, token_logprobs
-from ppo import actor_loss, critic_loss, gae, token_rewards, whiten
-from retriever import (BM25Index, CorpusError, default_index_dir, FINGERPRINT_FILE, format_passages,
-    read_corpus, split_contents, tokenize)
-from rollout import (_sample, build_prompt, INVALID_ACTION, observation, parse_action, rollout, rollout_plain,
-    RolloutConfig, STOP_STRINGS, Trajectory)
-from search_api import MAX_BODY_BYTES, MAX_QUERIES, RemoteIndex, SearchServer, SearchUnavailable
 
 import agent
 import cli
 import commands
-import distributed
 import policy
-import ppo
+import rollout as rollout_chapter
 import runs
-from conftest import (DATA, QWEN_CHAT, QWEN_INSTRUCT_SYSTEM, QWEN_TOKENIZER, REFERENCE_CASE_PROMPT, REFERENCE_INVALID,
-                      REFERENCE_PROMPT, ROOT, answer_every_other, ids, random_qwen2, steer_rollouts, steered,
-                      tiny_config, write_jsonl, write_task)
+import search_api
+import searchr1
+from conftest import (DATA, QWEN_CHAT, QWEN_TOKENIZER, REFERENCE_PROMPT, ROOT, answer_every_other,
+                      steer_rollouts, write_task)
+from retriever import BM25Index, format_passages
+from rollout import build_prompt, rollout
+from search_api import MAX_BODY_BYTES, MAX_QUERIES, RemoteIndex, SearchServer, SearchUnavailable
 
 
 # ================================================== the commands: eval, ask, plot, the command line

@@ -7,22 +7,14 @@ import copy
 import dataclasses
 import functools
 import gc
-import gzip
-import http.client
-import http.server
-import io
 import json
 import math
 import os
 import random
 import re
-import select
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -34,36 +26,31 @@ import pytest
 import tantivy
 import torch
 from rank_bm25 import BM25Okapi
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer
 
+import agent
 import bench
+import cli
+import distributed
 import grpo
 import plan
+import policy
+import ppo
 import rollout as rollout_chapter
-import search_api
+import runs
 import searchr1
 import tiny
+from conftest import (DATA, QWEN_CHAT, QWEN_INSTRUCT_SYSTEM, QWEN_TOKENIZER, REFERENCE_CASE_PROMPT,
+                      REFERENCE_INVALID, REFERENCE_PROMPT, ROOT, answer_every_other, ids, random_qwen2,
+                      steer_rollouts, steered, tiny_config, write_jsonl)
 from eval import (DataError, exact_match, extract_answer, load_qa, normalize_answer, read_qa_file,
-    sub_exact_match, token_f1)
+                  sub_exact_match, token_f1)
 from grpo import clipped_policy_loss, group_advantages, grpo_loss, low_var_kl, token_logprobs
 from ppo import actor_loss, critic_loss, gae, token_rewards, whiten
 from retriever import (BM25Index, CorpusError, default_index_dir, FINGERPRINT_FILE, format_passages,
-    read_corpus, split_contents, tokenize)
+                       read_corpus, split_contents, tokenize)
 from rollout import (_sample, build_prompt, INVALID_ACTION, observation, parse_action, rollout, rollout_plain,
-    RolloutConfig, STOP_STRINGS, Trajectory)
-from search_api import MAX_BODY_BYTES, MAX_QUERIES, RemoteIndex, SearchServer, SearchUnavailable
-
-import agent
-import cli
-import commands
-import distributed
-import policy
-import ppo
-import runs
-from conftest import (DATA, QWEN_CHAT, QWEN_INSTRUCT_SYSTEM, QWEN_TOKENIZER, REFERENCE_CASE_PROMPT, REFERENCE_INVALID,
-                      REFERENCE_PROMPT, ROOT, answer_every_other, ids, random_qwen2, steer_rollouts, steered,
-                      tiny_config, write_jsonl, write_task)
-
+                     RolloutConfig, STOP_STRINGS, Trajectory)
 
 
 # ===================================================================================== retriever.py
@@ -1203,7 +1190,8 @@ def test_two_ranks_take_the_optimizer_step_one_process_takes_and_only_rank_0_wri
     assert any(not torch.equal(b[k], torch.zeros_like(b[k])) for k in b if "lora_B" in k)  # the step moved it
     rows = [json.loads(line) for line in (two_run / "metrics.jsonl").open()]  # one row: rank 0 alone wrote
     (expected,) = [json.loads(line) for line in (one_run / "metrics.jsonl").open()]
-    assert len(rows) == 1 and len((two_run / "samples.jsonl").read_text().splitlines()) == 2
+    samples = runs.rows(two_run / "samples.jsonl")
+    assert len(rows) == 1 and sum(r["seeded"] for r in samples) == 2
     for key in ("reward", "policy_loss", "kl", "searches", "response_len"):
         assert rows[0][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
 
@@ -1343,7 +1331,7 @@ def test_the_time_plan_counts_every_step_left_and_each_evaluation_by_its_rollout
     calls (200 questions in batches of 32) as long as one of the step's 2 rollout calls (30 s)."""
     stats = {"step_s": 120.0, "rollout_s": 60.0, "logprob_s": 25.0, "update_s": 35.0}
     cfg = searchr1.Config(rollout_batch_size=27)
-    text = searchr1.time_plan(stats, cfg, start=0, questions=32)
+    text = runs.time_plan(stats, cfg, start=0, questions=32)
     assert "rollout 60 s in 2 calls of up to 27 questions" in text and "an evaluation ~3.5 min" in text
     assert text.endswith("~1.8 h more for the 49 steps and 2 evaluations left")  # (49 x 120 + 2 x 210) / 3600
 
@@ -1492,11 +1480,70 @@ def test_every_checkpoint_stays_unless_only_the_newest_k_are_asked_for(finished_
     assert json.loads((tmp_path / "kept" / "checkpoints" / "latest.json").read_text())["step"] == 3
 
 
+def test_the_best_held_out_em_checkpoint_stays_whatever_keep_checkpoints_and_a_command_can_take_it(
+        finished_run, tmp_path, capsys):
+    """--eval-every 1: held-out EM after every step; best.json names the first step that reached the
+    best (the steered policy scores 0.5 every time: step 1), and --keep-checkpoints 1 keeps it beside
+    the newest. A run folder given to export (eval and ask alike) takes its latest checkpoint, or
+    --checkpoint best, and says on stderr which it took."""
+    cfg = replace(finished_run, out_dir=str(tmp_path / "best"), steps=3, eval_every=1, keep_checkpoints=1)
+    searchr1.train(cfg)
+    root = tmp_path / "best" / "checkpoints"
+    assert [r["eval_em"] for r in runs.rows(tmp_path / "best" / "metrics.jsonl")] == [0.5, 0.5, 0.5]
+    assert json.loads((root / "best.json").read_text()) == {"step": 1, "path": "step-000001", "eval_em": 0.5}
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000001", "step-000003"]
+    said = {}
+    for which in ("latest", "best"):
+        argv = ["export", "--model", cfg.model, "--adapter", cfg.out_dir, "--checkpoint", which, "--out",
+                str(tmp_path / f"exported-{which}"), "--device", "cpu", "--dtype", "float32"]
+        assert searchr1.main(argv) == 0
+        said[which] = capsys.readouterr().err
+    assert "step-000003, the run's latest: step 3 (the best, EM 0.500, is step 1: --checkpoint best)" in said["latest"]
+    assert "step-000001, the run's best: step 1, held-out EM 0.500 (its best)" in said["best"]
+    unevaluated = tmp_path / "unevaluated" / "checkpoints"  # a run saved before its first evaluation
+    unevaluated.mkdir(parents=True)
+    (unevaluated / "latest.json").write_text('{"step": 1, "path": "step-000001"}')
+    with pytest.raises(cli.UsageError, match="has no best.json yet"):
+        runs.checkpoint_folder(str(unevaluated.parent), "best")
+
+
+def test_report_to_tensorboard_and_wandb_logs_every_step_offline_and_a_missing_package_says_how_to_install_it(
+        finished_run, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run stays in <run>/wandb
+    cfg = replace(finished_run, out_dir=str(tmp_path / "reported"), report_to="tensorboard,wandb")
+    searchr1.train(cfg)
+    run = tmp_path / "reported"
+    logged = runs.rows(run / "metrics.jsonl")
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={SCALARS: 0})
+    events.Reload()
+    for key in ("reward", "kl", "format_ok", "policy_tokens", "eval_em"):
+        expected = [(r["step"], r[key]) for r in logged if key in r]
+        points = [(e.step, e.value) for e in events.Scalars(key)]  # float32 in the event files
+        assert [step for step, _ in points] == [step for step, _ in expected] and expected
+        assert [value for _, value in points] == pytest.approx([value for _, value in expected], rel=1e-6)
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    listed = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline)],
+                            capture_output=True, text=True, timeout=120)
+    history = [json.loads(line)["history"]["item"] for line in listed.stdout.splitlines()
+               if json.loads(line)["type"] == "history"]
+    assert [h["_step"] for h in history] == [r["step"] for r in logged]
+    assert [h["reward"] for h in history] == [r["reward"] for r in logged]
+    assert [h["format_ok"] for h in history] == [r["format_ok"] for r in logged]
+    for package, modules in (("tensorboard", ["tensorboard", "torch.utils.tensorboard"]), ("wandb", ["wandb"])):
+        for module in modules:  # as if it were not installed
+            monkeypatch.setitem(sys.modules, module, None)
+        with pytest.raises(cli.UsageError, match=f"pip install {package}"):
+            runs.Reporters(run, replace(cfg, report_to=package), start=0)
+
+
 def test_samples_show_what_the_policy_wrote_and_what_the_search_returned_and_each_eval_is_saved(finished_run):
     from transformers import AutoTokenizer
     run = Path(finished_run.out_dir)
     rows = [json.loads(line) for line in (run / "samples.jsonl").open()]
-    assert [r["step"] for r in rows] == [1, 1, 2, 2]  # 2 a step, a seeded choice
+    assert [r["step"] for r in rows if r["seeded"]] == [1, 1, 2, 2]  # 2 a step, a seeded choice
+    # beside them, what trips a health check: the steered answers skip <think> (health.follows_format)
+    assert all("bad_format" in r["flagged"] for r in rows if not r["seeded"]) and len(rows) > 4
     questions = {q["question"]: q["golden_answers"] for q in load_qa(finished_run.train_data)}
     for r in rows:
         assert r["golden_answers"] == questions[r["question"]]
@@ -1869,6 +1916,32 @@ def test_rl_through_train_teaches_the_warmed_up_model_to_search(algo, tiny_runs)
     assert before["searches"] < 0.2            # the warm-up guesses ...
     assert after["searches"] > 0.8             # ... RL makes it search ...
     assert after["em"] >= before["em"] + 0.3   # ... and answer held-out questions right
+
+
+def test_the_healthy_tiny_runs_raise_no_health_warning(tiny_runs, multihop_run):
+    """The learning runs, GRPO and PPO, single-hop and multi-hop, log the health signals every step and
+    trip no check (health.CHECKS): the thresholds sit above what a run that learns does."""
+    for run in [tiny_runs["grpo"][0], tiny_runs["ppo"][0], multihop_run[0]]:
+        rows = runs.rows(run / "metrics.jsonl")
+        assert rows and all("format_ok" in row and "policy_tokens" in row for row in rows)
+        assert [row["step"] for row in rows if row.get("warnings")] == [], run
+
+
+def test_a_run_driven_to_collapse_is_warned_of_before_its_held_out_em_falls(warmed_up_task, tmp_path):
+    """An entropy bonus 40x the reference's (--entropy-coef 0.04) drives the tiny task to collapse: the
+    sampled text turns to gibberish first, the greedy answers after. The health checks say so first
+    (measured on this schedule: entropy and KL warn at step 8, held-out EM falls at step 10)."""
+    folder = tmp_path / "collapse"
+    shutil.copytree(warmed_up_task, folder / "task")
+    cfg = replace(searchr1.Config(), **{**searchr1.TINY, "model": "tiny", "out_dir": str(folder), "steps": 12,
+                                        "eval_every": 1, "eval_size": 50, "save_every": 12, "entropy_coef": 0.04})
+    searchr1.run_tiny(cfg, LEARNING_TASK)
+    rows = runs.rows(folder / "metrics.jsonl")
+    em = {row["step"]: row["eval_em"] for row in rows}
+    assert max(em.values()) >= 0.9  # it learned to search before it broke
+    fell = min(step for step in em if max(em[s] for s in em if s <= step) - em[step] >= 0.2)
+    warned = min(row["step"] for row in rows if row.get("warnings"))
+    assert warned < fell
 
 
 MULTIHOP_LEARNING_TASK = replace(tiny.TASKS["tiny-multihop"], entities=100, cities=50, held_out=50,
