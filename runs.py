@@ -4,14 +4,20 @@ Read by searchr1.py's train, by agent.py and commands.py (which read runs) and t
 may skip it.
 
     <run>/config.json        the settings, written when the run starts
-    <run>/metrics.jsonl      a row a step: the step's means (searchr1.train_step) and evaluations
-    <run>/samples.jsonl      a few trajectories a step, written out whole (sample_rows)
+    <run>/metrics.jsonl      a row a step: the step's means (searchr1.train_step), its health signals
+                             and warnings (health.py) and evaluations
+    <run>/samples.jsonl      a few trajectories a step, written out whole, and those that tripped a
+                             health check (sample_rows)
     <run>/eval/step-N.json   every prediction of each evaluation
     <run>/checkpoints/       step-N/ (the LoRA adapter in peft's format, PPO's critic and value head,
-                             the optimizer, scheduler and loss scaler) and latest.json naming the newest
+                             the optimizer, scheduler and loss scaler), latest.json naming the newest
+                             and best.json the one with the best held-out EM (kept whatever
+                             --keep-checkpoints says)
+    <run>/tensorboard/, <run>/wandb/   with --report-to: every number of every step (Reporters)
 
-Every file is written whole or not at all (a temporary file, then a rename), so a killed run never
-leaves half a checkpoint; a folder that holds a run is continued (--resume, the same settings) or
+The settings, checkpoints and evaluations are written whole or not at all (a temporary file, then a
+rename), so a killed run never leaves half a checkpoint; the logs grow a line a step, and a line a
+kill cut short is dropped when the run resumes. A folder that holds a run is continued (--resume, the same settings) or
 started over (--overwrite), never overwritten by accident. Nothing loaded runs code: the adapter is
 safetensors, the trainer state a torch.load with weights_only.
 """
@@ -108,8 +114,12 @@ def start(run: Path, cfg) -> None:
 
 
 def rows(path: Path) -> list[dict]:
-    """The rows of a JSONL log (metrics.jsonl, samples.jsonl); none when it does not exist yet."""
-    return [json.loads(line) for line in path.open(encoding="utf-8")] if path.exists() else []
+    """The rows of a JSONL log (metrics.jsonl, samples.jsonl); none when it does not exist yet. A run
+    killed while it wrote leaves at most its last line unfinished: that line is left out."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    if lines and not lines[-1].endswith("}"):
+        lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 def append(path: Path, rows: list[dict]) -> None:

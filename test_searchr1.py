@@ -432,6 +432,9 @@ def test_every_pointer_to_a_readme_heading_or_a_docs_page_leads_somewhere():
         for page in re.findall(r"\bdocs/[\w./-]*\w", text):
             pointers += 1
             assert (ROOT / page).exists(), f"{path.name} points at {page}"
+        for link in re.findall(r"\]\(([^)#\s]+)\)", text) if path.suffix == ".md" else []:
+            pointers += 1  # a Markdown link or picture: from the page's own folder, as a reader's viewer finds it
+            assert link.startswith("http") or (path.parent / link).exists(), f"{path.name} links {link}"
     assert pointers > 20
 
 
@@ -1468,6 +1471,15 @@ def test_resume_stops_naming_every_setting_that_changes_what_the_run_computes(fi
     message = str(error.value)  # steps may grow; micro-batching and reporting may change; lr and seed may not
     assert "--lr 0.01 -> 0.005" in message and "--seed 0 -> 7" in message
     assert "--steps" not in message and "--micro-batch-size" not in message and "--eval-every" not in message
+
+
+def test_resuming_forgets_the_log_rows_after_the_checkpoint_and_a_line_a_kill_cut_short(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.json").write_text('{"step": 2, "path": "step-000002"}')
+    rows = "".join(json.dumps({"step": s, "reward": 0.5}) + "\n" for s in (1, 2, 3))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 4, "rew')  # killed mid-line
+    runs.start(tmp_path, searchr1.Config(resume=True))
+    assert [row["step"] for row in runs.rows(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 def test_every_checkpoint_stays_unless_only_the_newest_k_are_asked_for(finished_run, tmp_path):
