@@ -1,5 +1,5 @@
-"""The commands that use a trained agent: eval, ask, export, plot, serve (`python searchr1.py COMMAND
---help`). Each command's settings live in its entry of COMMANDS: the Config fields it reads (its
+"""The commands beside training: eval, ask, export, plot, serve, and corpus, which makes a corpus of
+one's own documents (`python searchr1.py COMMAND --help`). Each command's settings live in its entry of COMMANDS: the Config fields it reads (its
 flags), its own defaults for them, its own arguments.
 
 Read by searchr1.py's main, which adds `train`; a first read may skip it.
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import corpus
 from agent import evaluate, load_agent, make_search, open_index, tiny_agent
 from cli import Command, UsageError
 from eval import BENCHMARKS, METHODS, baseline_prompt, em_table, extract_answer, load_qa, summarize
@@ -156,6 +157,13 @@ def command_serve(cfg, args) -> None:
     serve(open_index(cfg), args.host, args.port, default_topk=cfg.topk)
 
 
+def command_corpus(cfg, args) -> None:
+    """Files and folders of one's own -> a Search-R1 corpus for --corpus (corpus.py), and its summary."""
+    if args.words < 1:
+        raise UsageError(f"--words {args.words}: must be at least 1")
+    print(corpus.build_corpus(args.paths, Path(args.out), strict=args.strict, words=args.words).render())
+
+
 def trained_agent(cfg, args, device):
     """load_agent for --adapter and --checkpoint, saying on stderr which checkpoint it took."""
     if args.adapter:
@@ -230,4 +238,7 @@ COMMANDS = {
                       "model folder (with the tokenizer).", ("model", "device"), arguments=export_arguments),
     "ask": Command(command_ask, "Ask the agent questions; prints its reasoning, searches, the titles found and its "
                    "answer as they come.", AGENT, EVAL_TURNS, ask_arguments),
+    "corpus": Command(command_corpus, "Make a Search-R1 corpus (JSONL, for --corpus) of files and folders of your "
+                      "own: text, Markdown, HTML, and PDF with pypdf installed. Prints what it read and skipped.",
+                      (), arguments=corpus.add_arguments),
 }
