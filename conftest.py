@@ -142,10 +142,10 @@ def steer_rollouts(set_attribute, replacement) -> None:
     """Every module of the project that calls rollout.rollout by its own name calls `replacement`
     instead: the training step (searchr1), the evaluation (agent), ask (commands), wherever they
     move. set_attribute: monkeypatch.setattr in a test, plain setattr in a spawned process."""
-    if not ROLLOUT_CALLERS:
+    if not ROLLOUT_CALLERS:  # vars(), not getattr: a library's lazy module imports on a getattr
         ROLLOUT_CALLERS.extend(name for name, module in list(sys.modules.items())
-                               if getattr(module, "rollout", None) is rollout_chapter.rollout
-                               and name != "rollout" and Path(getattr(module, "__file__", "") or "").parent == ROOT
+                               if vars(module).get("rollout") is rollout_chapter.rollout
+                               and name != "rollout" and Path(vars(module).get("__file__") or "").parent == ROOT
                                and not Path(module.__file__).name.startswith(("test_", "conftest")))
     assert ROLLOUT_CALLERS, "no module of the project calls rollout.rollout"
     for name in ROLLOUT_CALLERS:
