@@ -149,6 +149,13 @@ def evaluates(cfg, step: int) -> bool:
     return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
 
 
+def duration(seconds: float) -> str:
+    """A time in the unit a reader wants for it: seconds, minutes or hours."""
+    if seconds < 90:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
 def time_plan(stats: dict, cfg, start: int, questions: int) -> str:
     """What the rest of the run takes, from its first step: every step as long as that one, and each
     evaluation as long as its rollout calls (one per eval_batch_size questions), a call taken to
@@ -158,11 +165,11 @@ def time_plan(stats: dict, cfg, start: int, questions: int) -> str:
     evals = sum(evaluates(cfg, s) for s in range(start + 1, cfg.steps + 1))
     eval_s = -(-cfg.eval_size // cfg.eval_batch_size) * stats["rollout_s"] / calls
     left = (cfg.steps - start - 1) * stats["step_s"] + evals * eval_s
-    return (f"time plan: a step takes {stats['step_s'] / 60:.1f} min "
-            f"(rollout {stats['rollout_s']:.0f} s in {calls} call{'s' * (calls > 1)} of up to "
-            f"{cfg.rollout_batch_size} questions, log-probs {stats['logprob_s']:.0f} s, "
-            f"update {stats['update_s']:.0f} s), an evaluation ~{eval_s / 60:.1f} min: "
-            f"~{left / 3600:.1f} h more for the {cfg.steps - start - 1} steps and {evals} "
+    return (f"time plan: a step takes {duration(stats['step_s'])} "
+            f"(rollout {duration(stats['rollout_s'])} in {calls} call{'s' * (calls > 1)} of up to "
+            f"{cfg.rollout_batch_size} questions, log-probs {duration(stats['logprob_s'])}, "
+            f"update {duration(stats['update_s'])}), an evaluation ~{duration(eval_s)}: "
+            f"~{duration(left)} more for the {cfg.steps - start - 1} steps and {evals} "
             f"evaluation{'s' * (evals != 1)} left")
 
 

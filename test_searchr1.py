@@ -1337,6 +1337,11 @@ def test_the_time_plan_counts_every_step_left_and_each_evaluation_by_its_rollout
     text = runs.time_plan(stats, cfg, start=0, questions=32)
     assert "rollout 60 s in 2 calls of up to 27 questions" in text and "an evaluation ~3.5 min" in text
     assert text.endswith("~1.8 h more for the 49 steps and 2 evaluations left")  # (49 x 120 + 2 x 210) / 3600
+    tiny = runs.time_plan({"step_s": 1.2, "rollout_s": 0.4, "logprob_s": 0.2, "update_s": 0.5},
+                          searchr1.Config(steps=20, eval_every=5, eval_size=200, eval_batch_size=256,
+                                          rollout_batch_size=16), start=0, questions=16)
+    assert tiny.startswith("time plan: a step takes 1.2 s (rollout 0.4 s in 1 call")  # not "0.0 min"
+    assert tiny.endswith("~24 s more for the 19 steps and 4 evaluations left")  # 19 x 1.2 + 4 x 0.4
 
 
 def test_the_critic_warms_up_over_its_own_shorter_share_of_the_steps():
