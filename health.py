@@ -7,12 +7,14 @@ goes first: the <think> channel fills with rows of broken tags (`<think]`, `</se
 by the time it falls, the reasoning has been broken for many steps. This chapter watches the
 text itself, every step, and tells the user as soon as it changes.
 
-    step_signals  a dict of floats for metrics.jsonl, from one step's trajectories and rewards
-                  (DEFINITIONS below says what each one is, in one line)
+    measure       each trajectory's text measures (format, broken tags, repetition, script,
+                  non-text, cut turns, invalid actions), computed once a step
+    step_signals  a dict of floats for metrics.jsonl, from one step's trajectories, their
+                  measures and rewards (DEFINITIONS below says what each one is, in one line)
     Monitor       holds the history of those rows; check() turns it into HealthWarnings, one
                   line each, and bar() gives the two numbers that go on the progress bar
-    flagged       which trajectories of a step trip a per-trajectory check, and which checks,
-                  so the trainer can write them to samples.jsonl marked with them
+    flagged       which trajectories of a step trip a per-trajectory check on their measures,
+                  and which checks, so the trainer can write them to samples.jsonl marked with them
 
 What each group of signals catches
     learning signal  a group whose G rewards are all equal has advantage 0 for every member
@@ -21,10 +23,11 @@ What each group of signals catches
     degeneration     loops (repeated 4-grams), another script, characters that are not text
     behaviour        invalid actions, cut turns, answers without a search, queries a group shares
 
-Who reads this: searchr1.py's training loop calls step_signals each step and adds it to the
-metrics row, passes the row to Monitor.check and writes its warnings, and writes the flagged
-trajectories to samples.jsonl. Everything here is plain Python over the trajectories' text and
-counts: no model pass, nothing from the other chapters but rollout's prompt and Trajectory.
+Who reads this: searchr1.py's training loop measures the step's trajectories once, adds
+step_signals to the metrics row, passes the row to Monitor.check and writes its warnings, and
+writes the flagged trajectories to samples.jsonl. Everything here is plain Python over the
+trajectories' text and counts: no model pass, nothing from the other chapters but rollout's
+prompt and Trajectory.
 """
 import math
 import re
@@ -111,6 +114,9 @@ def scripts_of(text: str) -> set[str]:
     return {script(c) for c in text if c.isalpha()}
 
 
+TEMPLATE_SCRIPTS = scripts_of(PROMPT_TEMPLATE)  # the scripts of every prompt's instructions
+
+
 def foreign_letters(t: Trajectory, scripts: set[str]) -> float:
     """Share of the policy's letters whose script is not in `scripts` (the prompt's); 0 if none."""
     letters = [c for c in policy_text(t) if c.isalpha()]
@@ -142,29 +148,39 @@ def prompt_scripts(prompt_text: str | list[str] | None, n_groups: int) -> list[s
     """The scripts each group's prompt uses: the template's and the text given for it (one text
     for every group, or one a question, in order); None = the template alone."""
     texts = prompt_text if isinstance(prompt_text, list) else [prompt_text or ""] * n_groups
-    return [scripts_of(PROMPT_TEMPLATE) | scripts_of(text) for text in texts]
+    return [TEMPLATE_SCRIPTS | scripts_of(text) for text in texts]
 
 
-def step_signals(trajectories: list[Trajectory], rewards: list[float], group_size: int,
-                 prompt_text: str | list[str] | None = None) -> dict[str, float]:
-    """One step's health signals (DEFINITIONS), trajectories prompt-major: the group_size
-    responses to one question adjacent. Per-turn rates pool the step's turns; the rest are means
-    over trajectories (duplicate_queries: over queries)."""
+def measure(trajectories: list[Trajectory], group_size: int,
+            prompt_text: str | list[str] | None = None) -> list[dict[str, float]]:
+    """Each trajectory's measures, trajectories prompt-major (the group_size responses to one
+    question adjacent): step_signals averages them, flagged holds them against its thresholds."""
+    if not trajectories or len(trajectories) % group_size:
+        raise ValueError(f"{len(trajectories)} trajectories do not make groups of {group_size}")
+    scripts = prompt_scripts(prompt_text, len(trajectories) // group_size)
+    return [{"format_ok": follows_format(t), "broken_tags": broken_tags(t),
+             "repeated_4grams": repeated_4grams(t),
+             "foreign_letters": foreign_letters(t, scripts[i // group_size]),
+             "non_text_chars": non_text_chars(t), "cut_turns": t.cut_turns,
+             "invalid_actions": t.invalid_actions}
+            for i, t in enumerate(trajectories)]
+
+
+TEXT_SIGNALS = ("format_ok", "broken_tags", "repeated_4grams", "foreign_letters", "non_text_chars")
+
+
+def step_signals(trajectories: list[Trajectory], measured: list[dict[str, float]],
+                 rewards: list[float], group_size: int) -> dict[str, float]:
+    """One step's health signals (DEFINITIONS), trajectories prompt-major and measured (measure).
+    Per-turn rates pool the step's turns; the rest are means over trajectories
+    (duplicate_queries: over queries)."""
     n, rewards = len(trajectories), [float(r) for r in rewards]
-    if n == 0 or n % group_size:
-        raise ValueError(f"{n} trajectories do not make groups of {group_size}")
-    scripts = prompt_scripts(prompt_text, n // group_size)
     turns = max(sum(t.n_turns for t in trajectories), 1)
     mean = lambda values: sum(values) / n  # noqa: E731
     signals = {
-        "format_ok": mean(follows_format(t) for t in trajectories),
-        "broken_tags": mean(broken_tags(t) for t in trajectories),
-        "repeated_4grams": mean(repeated_4grams(t) for t in trajectories),
-        "foreign_letters": mean(foreign_letters(t, scripts[i // group_size])
-                                for i, t in enumerate(trajectories)),
-        "non_text_chars": mean(non_text_chars(t) for t in trajectories),
-        "invalid_per_turn": sum(t.invalid_actions for t in trajectories) / turns,
-        "cut_per_turn": sum(t.cut_turns for t in trajectories) / turns,
+        **{name: mean(m[name] for m in measured) for name in TEXT_SIGNALS},
+        "invalid_per_turn": sum(m["invalid_actions"] for m in measured) / turns,
+        "cut_per_turn": sum(m["cut_turns"] for m in measured) / turns,
         "no_search_answers": mean(t.answered and not t.queries for t in trajectories),
         "policy_tokens": mean(sum(t.loss_mask) for t in trajectories),
     }
@@ -295,9 +311,8 @@ BAR = {"format_ok": "format", "no_signal_groups": "no_signal"}  # signal -> prog
 class Monitor:
     """The run's metrics rows so far; check() says what has gone wrong with the newest one."""
 
-    def __init__(self, past: list[dict] = (), checks: list[Check] = CHECKS):
+    def __init__(self, past: list[dict] = ()):
         """past: the rows a resumed run logged before (metrics.jsonl), replayed without a word."""
-        self.checks = checks
         self.history: list[tuple[int, dict]] = []  # (step, metrics row), oldest first
         self.tripped_at: dict[Check, int] = {}  # check -> the step it started tripping
         for row in past:
@@ -307,7 +322,7 @@ class Monitor:
         """Warnings for this step's row (`step` as metrics.jsonl and samples.jsonl number it)."""
         self.history.append((step, row))
         warnings = []
-        for c in self.checks:
+        for c in CHECKS:
             points = [(s, r) for s, r in self.history if c.signal in r]
             tripped = judge(c, points) if c.signal in row else None
             if tripped is None:
@@ -324,7 +339,7 @@ class Monitor:
     def bar(self, row: dict) -> dict[str, str]:
         """The progress bar's numbers: format and no-signal share, and the checks tripping."""
         shown = {label: f"{row[name]:.2f}" for name, label in BAR.items() if name in row}
-        tripping = [c.signal for c in self.checks if c in self.tripped_at]
+        tripping = [c.signal for c in CHECKS if c in self.tripped_at]
         return shown | ({"warn": ",".join(tripping)} if tripping else {})
 
 
@@ -336,27 +351,27 @@ FOREIGN_SHARE = 0.2  # a fifth of its letters in a script the prompt does not us
 FLAGGED_PER_CHECK = 4  # at most this many trajectories chosen a step for each check
 
 
-def trips(t: Trajectory, scripts: set[str]) -> list[str]:
-    """The per-trajectory checks a trajectory trips, by name (True = tripped)."""
-    tripped = {"bad_format": not follows_format(t), "broken_tags": broken_tags(t) > 0,
-               "repetition": repeated_4grams(t) >= HEAVY_REPETITION,
-               "foreign_letters": foreign_letters(t, scripts) >= FOREIGN_SHARE,
-               "non_text_chars": non_text_chars(t) > 0, "cut_turn": t.cut_turns > 0,
-               "invalid_action": t.invalid_actions > 0}
+def trips(m: dict[str, float]) -> list[str]:
+    """The per-trajectory checks a trajectory's measures (measure) trip, by name."""
+    tripped = {"bad_format": not m["format_ok"], "broken_tags": m["broken_tags"] > 0,
+               "repetition": m["repeated_4grams"] >= HEAVY_REPETITION,
+               "foreign_letters": m["foreign_letters"] >= FOREIGN_SHARE,
+               "non_text_chars": m["non_text_chars"] > 0, "cut_turn": m["cut_turns"] > 0,
+               "invalid_action": m["invalid_actions"] > 0}
     return [name for name, hit in tripped.items() if hit]
 
 
-def flagged(trajectories: list[Trajectory], rewards: list[float], group_size: int,
-            prompt_text: str | list[str] | None = None) -> dict[int, list[str]]:
-    """Trajectory index -> every check it trips, for up to FLAGGED_PER_CHECK trajectories a check.
-    Chosen first are those the update reinforces (reward above their group's mean: advantage > 0),
-    since broken text that is rewarded is how a collapse spreads; then in order."""
+def flagged(measured: list[dict[str, float]], rewards: list[float],
+            group_size: int) -> dict[int, list[str]]:
+    """Trajectory index -> every check it trips, for up to FLAGGED_PER_CHECK trajectories a check,
+    from the step's measures (measure). Chosen first are those the update reinforces (reward above
+    their group's mean: advantage > 0), since broken text that is rewarded is how a collapse
+    spreads; then in order."""
     rewards = [float(r) for r in rewards]
-    scripts = prompt_scripts(prompt_text, len(trajectories) // group_size)
-    tripped = [trips(t, scripts[i // group_size]) for i, t in enumerate(trajectories)]
+    tripped = [trips(m) for m in measured]
     groups = [rewards[s: s + group_size] for s in range(0, len(rewards), group_size)]
     reinforced = [r > sum(groups[i // group_size]) / group_size for i, r in enumerate(rewards)]
-    order = sorted(range(len(trajectories)), key=lambda i: not reinforced[i])  # stable sort
+    order = sorted(range(len(measured)), key=lambda i: not reinforced[i])  # stable sort
     chosen = set()
     for name in {name for names in tripped for name in names}:
         tripping = [i for i in order if name in tripped[i]]

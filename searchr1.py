@@ -526,15 +526,16 @@ def record_step(run: Path, row: dict, questions, trajectories, rewards, tokenize
     """The master's record of a step: the health signals of its trajectories into its row, a line
     for each health check it trips (health.py), the row to metrics.jsonl (and --report-to), and the
     seeded and the flagged trajectories to samples.jsonl. Under torchrun, the master's share."""
-    asked = [q["question"] for q in questions]
-    row.update(health.step_signals(trajectories, rewards.tolist(), cfg.samples_per_question, asked))
+    group = cfg.samples_per_question
+    measured = health.measure(trajectories, group, [q["question"] for q in questions])  # once
+    row.update(health.step_signals(trajectories, measured, rewards.tolist(), group))
     if warnings := monitor.check(row, row["step"]):
         row["warnings"] = [w.signal for w in warnings]
         for w in warnings:
             tqdm.write(f"warning at step {row['step']}: {w.message}")
     runs.append(run / "metrics.jsonl", [row])
     reporters.log(row)
-    flagged = health.flagged(trajectories, rewards.tolist(), cfg.samples_per_question, asked)
+    flagged = health.flagged(measured, rewards.tolist(), group)
     samples = runs.sample_rows(row["step"], questions, trajectories, rewards, tokenizer, cfg,
                                flagged)
     runs.append(run / "samples.jsonl", samples)

@@ -66,7 +66,8 @@ def test_letters_in_a_script_the_prompt_does_not_use_are_foreign():
     latin = health.scripts_of(health.PROMPT_TEMPLATE)
     assert latin == {"LATIN"}
     assert health.foreign_letters(mixed, latin) == pytest.approx(3 / 8)
-    russian = health.step_signals([mixed], [0.0], 1, prompt_text="Какой город?")
+    measured = health.measure([mixed], 1, prompt_text="Какой город?")
+    russian = health.step_signals([mixed], measured, [0.0], 1)
     assert russian["foreign_letters"] == 0.0  # the question's own script is the prompt's
 
 
@@ -80,14 +81,15 @@ def test_characters_that_are_not_text_are_counted():
 def test_groups_with_equal_rewards_give_no_signal():
     trajectories = [GOOD] * 8
     rewards = [0, 0, 1, 1, 0, 1, 1, 0]  # groups of 2: all wrong, all right, mixed, mixed
-    signals = health.step_signals(trajectories, rewards, group_size=2)
+    signals = health.step_signals(trajectories, health.measure(trajectories, 2), rewards, 2)
     assert signals["no_signal_groups"] == 0.5
     assert signals["all_wrong_groups"] == 0.25
     assert signals["all_right_groups"] == 0.25
 
 
 def test_a_group_of_one_has_no_group_signals():
-    signals = health.step_signals([GOOD, GOOD], [0.0, 1.0], group_size=1)
+    step = [GOOD, GOOD]
+    signals = health.step_signals(step, health.measure(step, 1), [0.0, 1.0], group_size=1)
     assert not set(health.GROUP_SIGNALS) & set(signals)
     assert set(signals) | set(health.GROUP_SIGNALS) == set(health.DEFINITIONS)
 
@@ -95,7 +97,8 @@ def test_a_group_of_one_has_no_group_signals():
 def test_cut_turns_and_invalid_actions_are_rates_per_turn():
     cut = trajectory("<think> I need the city of", SEARCH, ANSWER, queries=["Bavoki city"],
                      invalid=1, cut=1)
-    signals = health.step_signals([cut, trajectory(ANSWER)], [1.0, 1.0], group_size=1)
+    step = [cut, trajectory(ANSWER)]
+    signals = health.step_signals(step, health.measure(step, 1), [1.0, 1.0], group_size=1)
     assert signals["invalid_per_turn"] == 1 / 4  # 1 invalid action, 4 sampled turns
     assert signals["cut_per_turn"] == 1 / 4
 
@@ -106,14 +109,16 @@ def test_a_query_another_response_to_the_same_question_issued_is_a_duplicate():
              trajectory(ANSWER, queries=["Tuzel food", "Tuzel food"])]  # repeats only itself
     other = [trajectory(ANSWER, queries=["Zorlan sport"]), trajectory(ANSWER), trajectory(ANSWER)]
     assert health.duplicate_queries(group) == 2
-    signals = health.step_signals(group + other, [0.0] * 6, group_size=3)
+    step = group + other
+    signals = health.step_signals(step, health.measure(step, 3), [0.0] * 6, group_size=3)
     assert signals["duplicate_queries"] == 2 / 6  # another group's same query does not count
 
 
 def test_answers_without_search_and_policy_tokens():
     guess = trajectory(ANSWER, tokens=3)
     searched = trajectory(SEARCH, ANSWER, queries=["q"], tokens=9)
-    signals = health.step_signals([guess, searched], [0.0, 1.0], group_size=1)
+    step = [guess, searched]
+    signals = health.step_signals(step, health.measure(step, 1), [0.0, 1.0], group_size=1)
     assert signals["no_search_answers"] == 0.5
     assert signals["policy_tokens"] == 6.0  # (3 + 9) / 2: observation tokens not counted
 
@@ -188,7 +193,7 @@ def test_flagged_marks_exactly_the_broken_trajectories():
         trajectory("<think> I need the city of", ANSWER, invalid=1, cut=1),
         trajectory(ANSWER),
     ]
-    assert health.flagged(trajectories, [1.0] * 7, group_size=1) == {
+    assert health.flagged(health.measure(trajectories, 1), [1.0] * 7, group_size=1) == {
         1: ["bad_format", "broken_tags"],
         2: ["repetition"],
         3: ["foreign_letters"],
@@ -200,7 +205,7 @@ def test_flagged_marks_exactly_the_broken_trajectories():
 def test_flagged_keeps_a_few_a_check_the_rewarded_ones_first():
     broken = trajectory("<think] I need it. </think> <answer> Zorlan </answer>")
     rewards = [0, 0, 0, 1, 0, 1, 0, 0]  # groups of 2; rewarded in the second and third
-    chosen = health.flagged([broken] * 8, rewards, group_size=2)
+    chosen = health.flagged(health.measure([broken] * 8, 2), rewards, group_size=2)
     assert len(chosen) == health.FLAGGED_PER_CHECK == 4
     assert sorted(chosen) == [0, 1, 3, 5]  # those the update reinforces, then in order
 
