@@ -60,12 +60,12 @@ def evaluate(model, tokenizer, questions, search, cfg, desc: str = "eval", promp
     return predictions
 
 
-def load_agent(cfg, adapter: str, device, which: str = "latest"):
-    """load_policy, with a trained adapter put in: a checkpoint folder, or a run folder's latest or
-    best checkpoint (`which`)."""
+def load_agent(cfg, adapter: str, device):
+    """load_policy, with a trained adapter put in: a checkpoint folder, or a run folder's latest
+    checkpoint."""
     if not adapter:
         return load_policy(cfg, device)  # a fresh adapter adds exactly 0: the model as it is
-    folder, _ = checkpoint_folder(adapter, which)
+    folder, _ = checkpoint_folder(adapter)
     lora = json.loads((folder / "adapter_config.json").read_text())  # the shapes it was trained with
     cfg = dataclasses.replace(cfg, lora_r=lora["r"], lora_alpha=lora["lora_alpha"],
                               lora_targets=lora["target_modules"])

@@ -52,7 +52,7 @@ def command_eval(cfg, args) -> None:
     if len(set(names)) < len(names):
         raise UsageError(f"--datasets: two datasets share a name ({', '.join(names)}); rename a file")
     out = Path(cfg.out_dir or (Path(args.adapter) / "eval" if args.adapter else f"runs/eval/{Path(cfg.model).name}"))
-    taken = str(checkpoint_folder(args.adapter, args.checkpoint)[0]) if args.adapter else ""  # latest moves on
+    taken, said = chosen_checkpoint(args)  # once: a training run's latest moves on
     settings = {key: getattr(cfg, key) for key in EVAL_SETTINGS} | {"adapter": taken, "limit": args.limit}
     cells, todo = {}, []  # (method, dataset name) -> predictions; cells still to evaluate
     for source, name in zip(sources, names):
@@ -65,7 +65,7 @@ def command_eval(cfg, args) -> None:
             if cells[method, name] is None:
                 todo.append((method, name, questions, cell))
     if todo:  # nothing is loaded when every cell was saved by an earlier run
-        tokenizer, model = trained_agent(cfg, args, pick_device(cfg))
+        tokenizer, model = trained_agent(cfg, taken, said, pick_device(cfg))
         search = make_search(cfg) if any(method != "direct" for method, *_ in todo) else None
     for method, name, questions, cell in todo:
         # the baselines answer in one turn that runs no search: max_turns 0
@@ -86,7 +86,7 @@ def command_eval(cfg, args) -> None:
 def command_ask(cfg, args) -> None:
     """Greedy Search-R1 rollouts of one question at a time, printed as they are sampled."""
     cfg = tiny_agent(cfg, args.adapter)
-    tokenizer, model = trained_agent(cfg, args, pick_device(cfg))
+    tokenizer, model = trained_agent(cfg, *chosen_checkpoint(args), pick_device(cfg))
     search, chat = make_search(cfg), uses_chat_template(cfg, tokenizer)
 
     def search_and_show(queries):
@@ -136,7 +136,7 @@ def command_export(cfg, args) -> None:
         raise UsageError(f"--out {out}: the folder is not empty; give a new one")
     # a 16-bit merge needs 16-bit base weights: load them unquantized (on a GPU when --device finds one)
     cfg = dataclasses.replace(tiny_agent(cfg, args.adapter), load_4bit=False, gradient_checkpointing=False)
-    tokenizer, model = trained_agent(cfg, args, pick_device(cfg))
+    tokenizer, model = trained_agent(cfg, *chosen_checkpoint(args), pick_device(cfg))
     merged = model.merge_and_unload()                   # W <- W + (alpha / r) B A, the adapter gone
     tmp = out.with_name(out.name + ".tmp")              # written whole, then renamed into place
     merged.to(getattr(torch, args.dtype)).save_pretrained(tmp)
@@ -164,11 +164,19 @@ def command_corpus(cfg, args) -> None:
     print(corpus.build_corpus(args.paths, Path(args.out), strict=args.strict, words=args.words).render())
 
 
-def trained_agent(cfg, args, device):
-    """load_agent for --adapter and --checkpoint, saying on stderr which checkpoint it took."""
-    if args.adapter:
-        print(checkpoint_folder(args.adapter, args.checkpoint)[1], file=sys.stderr)
-    return load_agent(cfg, args.adapter, device, args.checkpoint)
+def chosen_checkpoint(args) -> tuple[str, str]:
+    """--adapter and --checkpoint: the checkpoint folder ("" = no adapter) and a line saying which."""
+    if not args.adapter:
+        return "", ""
+    folder, said = checkpoint_folder(args.adapter, args.checkpoint)
+    return str(folder), said
+
+
+def trained_agent(cfg, folder: str, said: str, device):
+    """load_agent with the chosen checkpoint folder, saying on stderr which it is."""
+    if said:
+        print(said, file=sys.stderr)
+    return load_agent(cfg, folder, device)
 
 
 def adapter_argument(parser: argparse.ArgumentParser):
@@ -214,9 +222,6 @@ def serve_arguments(parser: argparse.ArgumentParser):
                         help="address to listen on; 0.0.0.0 = every interface, for trusted networks only: "
                              "there is no authentication (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free one (default: 8000)")
-
-
-# The reference evaluates with 4 search turns (scripts/nq_hotpotqa/evaluate.sh); it trains with 2.
 
 
 # The Config fields a command reads, and so shows in its --help (train reads them all)

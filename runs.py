@@ -352,21 +352,21 @@ def plot_runs(runs: list[Path], png: Path) -> Path:
         if not (run / "metrics.jsonl").is_file():
             raise UsageError(f"{run}: no metrics.jsonl there (is it a run folder?)")
         algo = json.loads((run / "config.json").read_text())["algo"].upper() if (run / "config.json").is_file() else "?"
-        logs[f"{run.name} ({algo})"] = [json.loads(line) for line in (run / "metrics.jsonl").open()]
-    panels = [(key, title) for key, title in PANELS if any(key in r for rows in logs.values() for r in rows)]
+        logs[f"{run.name} ({algo})"] = rows(run / "metrics.jsonl")  # a live run's unfinished line left out
+    panels = [(key, title) for key, title in PANELS if any(key in r for log in logs.values() for r in log)]
     columns = min(4, len(panels))
     fig, axes = plt.subplots(-(-len(panels) // columns), columns, figsize=(3.6 * columns, 2.8 * -(-len(panels) // columns)),
                              squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
-        for i, (label, rows) in enumerate(logs.items()):
-            points = [(r["step"], r[key]) for r in rows if key in r]
+        for i, (label, log) in enumerate(logs.items()):
+            points = [(r["step"], r[key]) for r in log if key in r]
             if points:  # held-out EM exists only where evaluated: markers, sized so equal values stay visible
                 ax.plot(*zip(*points), ("o--" if key == "eval_em" else "-"), color=f"C{i}",
                         markersize=8 - 2 * (i % 3), label=label)
         shares = ("reward", "eval_em", "format_ok", "no_signal_groups")
         ax.set(title=title, xlabel="step", **({"ylim": (-0.02, 1.02)} if key in shares else {}))
-        for i, rows in enumerate(logs.values()):  # the first health warning of each run, dotted
-            warned = [r["step"] for r in rows if r.get("warnings")]
+        for i, log in enumerate(logs.values()):  # the first health warning of each run, dotted
+            warned = [r["step"] for r in log if r.get("warnings")]
             if warned:
                 ax.axvline(warned[0], color=f"C{i}", linestyle=":", linewidth=1)
         ax.xaxis.get_major_locator().set_params(integer=True)

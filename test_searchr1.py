@@ -1427,7 +1427,7 @@ def test_resumed_run_takes_the_same_next_step_as_an_uninterrupted_one(make_confi
     for name in saved:
         a = load_file(Path(straight.out_dir) / "checkpoints" / "step-000002" / name)
         b = load_file(Path(crashed.out_dir) / "checkpoints" / "step-000002" / name)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
 
 
 def run_files(run: Path) -> dict[str, bytes]:
