@@ -16,12 +16,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import rollout
 import tiny
 from cli import UsageError
 from eval import prediction
 from policy import load_policy, uses_chat_template
 from retriever import BM25Index, format_passages
-from rollout import build_prompt, rollout
+from rollout import build_prompt
 from runs import checkpoint_folder, load_adapter
 from search_api import RemoteIndex
 
@@ -55,7 +56,7 @@ def evaluate(model, tokenizer, questions, search, cfg, desc: str = "eval", promp
     predictions = []
     for i in tqdm(range(0, len(questions), cfg.eval_batch_size), desc=desc, leave=False):
         batch = questions[i: i + cfg.eval_batch_size]
-        for t, q in zip(rollout(model, tokenizer, prompts(batch), search, greedy), batch):
+        for t, q in zip(rollout.rollout(model, tokenizer, prompts(batch), search, greedy), batch):
             predictions.append(prediction(q, t.text, t.queries, t.answered))
     return predictions
 

@@ -16,11 +16,12 @@ import torch
 from tqdm import tqdm
 
 import corpus
+import rollout
 from agent import evaluate, load_agent, make_search, open_index, tiny_agent
 from cli import Command, UsageError
 from eval import BENCHMARKS, METHODS, baseline_prompt, em_table, extract_answer, load_qa, summarize
 from policy import pick_device, resolve_model, uses_chat_template
-from rollout import build_prompt, encode_prompt, rollout
+from rollout import build_prompt, encode_prompt
 from runs import checkpoint_folder, plot_runs, save_predictions, saved_predictions, write_atomic
 from search_api import serve
 
@@ -111,7 +112,7 @@ def command_ask(cfg, args) -> None:
 
     def answer(question: str):
         prompt = build_prompt(question, tokenizer, chat)
-        (t,) = rollout(model, tokenizer, [prompt], search_and_show, cfg.rollout_config(greedy=True),
+        (t,) = rollout.rollout(model, tokenizer, [prompt], search_and_show, cfg.rollout_config(greedy=True),
                        logits_hook=show_token)
         print(f"\nanswer: {extract_answer(t.text) or '(none)'}  ({t.n_searches} searches)\n", flush=True)
 

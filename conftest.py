@@ -5,7 +5,6 @@ versions requirements.txt allows."""
 import functools
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,6 @@ def pytest_configure(config):
 
 def random_qwen2(vocab_size=128, seed=0, **overrides):
     """A random-weight Qwen2 small enough for the CPU, built from a config (no download)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     config = Qwen2Config(**{**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -43,7 +41,6 @@ def random_qwen2(vocab_size=128, seed=0, **overrides):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random Qwen2 with the real Qwen2.5 tokenizer, saved like a hub checkpoint."""
-    from transformers import AutoTokenizer
     folder = tmp_path_factory.mktemp("tiny-qwen2")
     random_qwen2(vocab_size=151936).save_pretrained(folder)
     AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(folder)
@@ -135,21 +132,11 @@ def answer_every_other(tokenizer):
     return hook
 
 
-ROLLOUT_CALLERS: list[str] = []  # the project's modules that call rollout.rollout by its own name
-
-
 def steer_rollouts(set_attribute, replacement) -> None:
-    """Every module of the project that calls rollout.rollout by its own name calls `replacement`
-    instead: the training step (searchr1), the evaluation (agent), ask (commands), wherever they
-    move. set_attribute: monkeypatch.setattr in a test, plain setattr in a spawned process."""
-    if not ROLLOUT_CALLERS:  # vars(), not getattr: a library's lazy module imports on a getattr
-        ROLLOUT_CALLERS.extend(name for name, module in list(sys.modules.items())
-                               if vars(module).get("rollout") is rollout_chapter.rollout
-                               and name != "rollout" and Path(vars(module).get("__file__") or "").parent == ROOT
-                               and not Path(module.__file__).name.startswith(("test_", "conftest")))
-    assert ROLLOUT_CALLERS, "no module of the project calls rollout.rollout"
-    for name in ROLLOUT_CALLERS:
-        set_attribute(sys.modules[name], "rollout", replacement)
+    """Every rollout the project makes calls `replacement` instead: the training step (searchr1),
+    the evaluation (agent), ask (commands) all call it as rollout.rollout, through the module.
+    set_attribute: monkeypatch.setattr in a test, plain setattr in a spawned process."""
+    set_attribute(rollout_chapter, "rollout", replacement)
 
 
 def steered(monkeypatch, tokenizer):
@@ -171,7 +158,6 @@ def tiny_config(model_dir, folder, **overrides):
 @pytest.fixture
 def finished_run(tiny_model_dir, tmp_path, monkeypatch):
     """A finished 2-step GRPO run (a checkpoint every step, 2 samples a step), and its config."""
-    from transformers import AutoTokenizer
     steered(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_dir))
     cfg = tiny_config(tiny_model_dir, tmp_path, load_4bit=False, samples=2)
     searchr1.train(cfg)

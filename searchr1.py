@@ -56,6 +56,7 @@ import distributed
 import grpo
 import health
 import ppo
+import rollout
 import runs
 import tiny
 from agent import evaluate, make_search
@@ -66,7 +67,7 @@ from grpo import batch_logprobs, group_advantages, pack
 from policy import (MODELS, clock, fit_to_memory, load_policy, peak_memory_gb, pick_device,
                     pick_dtype, resolve_model, sampling_model, uses_chat_template)
 from retriever import CorpusError
-from rollout import RolloutConfig, build_prompt, pad_id, rollout
+from rollout import RolloutConfig, build_prompt, pad_id
 from search_api import SearchUnavailable
 
 # The presets, the only defaults besides Config's and the commands' own (shown in `train --help`);
@@ -312,7 +313,7 @@ def train_step(model, tokenizer, optimizer, questions, search, cfg: Config, devi
     # --rollout-weights: the policy, or its merged copy
     with sampling_model(model, cfg, device) as sampler:
         trajectories = [t for chunk in cut(prompts, cfg.rollout_batch_size)
-                        for t in rollout(sampler, tokenizer, chunk, search, cfg.rollout_config())]
+                        for t in rollout.rollout(sampler, tokenizer, chunk, search, cfg.rollout_config())]
     t_rollout = clock(device)
     # 2. reward: eval.reward, the exact match of the trajectory's answer, 1 or 0 (the seam to
     #    change)

@@ -417,6 +417,17 @@ def test_the_reading_order_counts_its_own_lines():
     assert stated == counted
 
 
+def test_the_project_calls_rollout_through_its_module_so_a_test_can_steer_every_rollout():
+    """steer_rollouts replaces rollout.rollout on the module: a file that took the function by its own
+    name (`from rollout import rollout`) would keep the real one, and its rollouts go unsteered. (The
+    tests hold it by name to wrap it; bench.py times the real one.)"""
+    import ast
+    for path in sorted(p for p in ROOT.glob("*.py") if not p.name.startswith(("test_", "conftest", "bench"))):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "rollout":
+                assert "rollout" not in [alias.name for alias in node.names], f"{path.name}:{node.lineno}"
+
+
 def test_every_pointer_to_a_readme_heading_or_a_docs_page_leads_somewhere():
     """"README: <heading>" in the code names a heading README has; every docs/... path named in the
     code, README or the docs pages exists."""
@@ -1107,7 +1118,7 @@ def test_a_training_step_on_4bit_lora_changes_only_the_adapter_and_uses_the_base
     _, fresh = policy.load_policy(cfg, torch.device("cpu"))  # a new adapter adds exactly 0 (B = 0)
     chat = policy.uses_chat_template(cfg, tokenizer)  # as train_step prompts: Qwen2.5's template
     steered_prompts = [build_prompt(q["question"], tokenizer, chat) for q in questions]
-    trajectories = searchr1.rollout(model, tokenizer, steered_prompts, search, cfg.rollout_config())
+    trajectories = rollout_chapter.rollout(model, tokenizer, steered_prompts, search, cfg.rollout_config())
     mb = grpo.pack(trajectories[:3], torch.zeros(3), tokenizer.pad_token_id, True, torch.device("cpu"))
     with torch.no_grad():
         base_logp = grpo.batch_logprobs(fresh, mb, 1.0)
