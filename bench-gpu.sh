@@ -63,6 +63,9 @@ if [ $failed = 0 ]; then
   part gpu-16 200 "$python" bench.py gpu --memory-cap-gb 16 --phases step --json "$out/gpu-16.json"
 fi
 wait $tiny
-echo "== tiny (exit code $?):"
+rc=$?
+echo "== tiny (exit code $rc$([ $rc = 124 ] && echo ', out of time')):"
 tail -n 6 "$out/tiny.txt"
+[ $rc = 0 ] || failed=1
+rm -rf "$work"
 exit $failed

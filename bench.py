@@ -29,7 +29,6 @@ extra time goes (encoding and decoding the JSON).
 import argparse
 import dataclasses
 import functools
-import inspect
 import json
 import multiprocessing
 import os
@@ -55,12 +54,9 @@ import rollout as rollout_chapter
 import runs
 import searchr1
 import tiny
-from grpo import token_logprobs
 from retriever import format_passages
 from rollout import RolloutConfig, build_prompt, rollout, rollout_plain
 from policy import clock, fit_to_memory, load_policy, peak_memory_gb, sampling_model, uses_chat_template
-
-LOGPROB_CHUNK = inspect.signature(token_logprobs).parameters["chunk"].default  # positions of logits at a time
 
 RETRIEVER_TARGETS = ("queries/s >= 30x rank-bm25's at 100k; >= 100 queries/s at 1M; "
                      "1M indexed in < 300 s with peak RSS < 8 GB")
@@ -211,7 +207,8 @@ def bench_retriever(args):
 
 
 # ----------------------------------------------------------------------------- rollout
-QWEN_TOKENIZER = Path(__file__).parent / "data" / "qwen2.5-tokenizer"  # shipped with the project (data/README.md)
+ROOT = Path(__file__).resolve().parent  # the project's folder
+QWEN_TOKENIZER = ROOT / "data" / "qwen2.5-tokenizer"  # shipped with the project (data/README.md)
 
 
 def forced_script(tokenizer, lengths: torch.Tensor, vocab: int, seed: int) -> torch.Tensor:
@@ -368,7 +365,7 @@ def _start_server(corpus: Path, index_dir: Path) -> tuple[subprocess.Popen, str]
     """`python searchr1.py serve` on a free port, as a user runs it; the process and its URL."""
     server = subprocess.Popen([sys.executable, "searchr1.py", "serve", "--corpus", str(corpus),
                                "--index-dir", str(index_dir), "--port", "0"],
-                              cwd=Path(__file__).resolve().parent, stdout=subprocess.PIPE, text=True)
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     ready, _, _ = select.select([server.stdout], [], [], 300)
     line = server.stdout.readline() if ready else ""
     if not line.startswith("serving"):
@@ -476,7 +473,7 @@ def gpu_device(args) -> torch.device:
 def _measure(phase: str, fn, device, sizes: dict, failures: list[dict]):
     """(fn(), wall seconds, peak memory GB while it ran), or None when it ran out of the capped GPU memory:
     then `failures` gets the phase, its sizes, the allocator's peak and where it failed (the innermost line
-    of searchr1's own modules), and the bench goes on. (On the CPU the peak is the process's.)"""
+    of searchr1's own modules, whichever), and the bench goes on. (On the CPU the peak is the process's.)"""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -485,7 +482,8 @@ def _measure(phase: str, fn, device, sizes: dict, failures: list[dict]):
         result = fn()
     except torch.OutOfMemoryError as error:
         ours = [frame for frame in traceback.extract_tb(error.__traceback__)
-                if Path(frame.filename).name in ("searchr1.py", "rollout.py", "grpo.py", "ppo.py")]
+                if Path(frame.filename).resolve().parent == ROOT
+                and not Path(frame.filename).name.startswith(("test_", "bench"))]  # searchr1's modules
         failures.append({"phase": phase, "sizes": sizes, "peak_gb": peak_memory_gb(device),
                          "where": f"{Path(ours[-1].filename).name}:{ours[-1].lineno} `{ours[-1].line}`" if ours else "",
                          "error": str(error).splitlines()[0]})
@@ -498,7 +496,7 @@ def bench_gpu(args) -> dict:
     printed and written to --json as soon as the phase ends, so a run cut short keeps what it measured.
 
     Cost does not depend on weight values, so Qwen2.5-3B is built from its config with random weights,
-    saved with the real tokenizer and loaded through searchr1.load_policy -- NF4 4-bit, LoRA, gradient
+    saved with the real tokenizer and loaded through policy.load_policy -- NF4 4-bit, LoRA, gradient
     checkpointing, as training loads it -- with the usable GPU memory capped at --memory-cap-gb, and
     the memory plan picks the rollout chunk and micro-batch for that cap. Random weights write no stop
     tags, so a script forces what is sampled (forced_script through the rollout's logits hook): every
@@ -562,8 +560,14 @@ def bench_gpu(args) -> dict:
                  else None}
     record("setup", {"seconds": time.time() - start})
 
+    turns = cfg.max_turns + 1  # the setting in words goes into every JSON written from here on
+    r["setting"] = (f"{r['model']}; rollout chunk {chunk} questions x {cfg.group_size} (the plan's, one rollout "
+                    f"call), {turns} turns of {args.tokens_per_turn} forced tokens, observations of {cfg.topk} "
+                    f"passages of {args.passage_tokens} tokens, micro-batch {cfg.micro_batch_size}, gradient "
+                    f"checkpointing; " + (f"GPU memory capped at {args.memory_cap_gb:g} GiB" if cuda
+                                          else "CPU: peak GB is the process's peak RSS"))
+
     # --- what is sampled: the script, the passages, the prompts
-    turns = cfg.max_turns + 1
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     def scripted(rows: int, tokens: int):  # the hook that makes `rows` rows sample `turns` turns of `tokens`
         script = forced_script(tokenizer, torch.full((rows, turns), tokens), architecture["vocab_size"], args.seed)
@@ -600,7 +604,7 @@ def bench_gpu(args) -> dict:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0)
         before = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
         forced = functools.partial(rollout, logits_hook=scripted(chunk * cfg.group_size, args.tokens_per_turn))
-        with mock.patch.object(searchr1, "rollout", forced):
+        with mock.patch.object(rollout_chapter, "rollout", forced):
             stats, trajectories, _ = searchr1.train_step(model, tokenizer, optimizer, questions[:chunk], search,
                                                          cfg, device)
         changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[name])]
@@ -624,12 +628,16 @@ def bench_gpu(args) -> dict:
         return {"questions": n, "copy_s": made - start, "rollout_s": end - made, "tok_s": sampled / (end - start),
                 "ms_per_decode_step": 1e3 * (end - made) / (turns * args.tokens_per_turn)}
 
+    group = {"group_size": cfg.group_size}  # what each phase ran, for its out-of-memory record
+    sizes = {"step": {"questions": chunk, **group, "micro_batch_size": cfg.micro_batch_size,
+                      "tokens_per_turn": args.tokens_per_turn},
+             "merged": {"questions": r["plan"]["merged_rollout_batch_size"], **group,
+                        "tokens_per_turn": args.tokens_per_turn},
+             "generate": {"questions": args.compare_questions, **group, "tokens_per_turn": args.compare_tokens}}
     for phase, run in (("step", step), ("merged", merged), ("generate", generate)):
         if phase not in args.phases or (phase == "merged" and not r["plan"]["merged_rollout_batch_size"]):
             continue
-        sizes = {"questions": chunk, "group_size": cfg.group_size, "micro_batch_size": cfg.micro_batch_size,
-                 "tokens_per_turn": args.tokens_per_turn}
-        measured = _measure(phase, run, device, sizes, r["out_of_memory"])
+        measured = _measure(phase, run, device, sizes[phase], r["out_of_memory"])
         record(phase, measured and {**measured[0], "seconds": measured[1], "peak_gb": measured[2]})
     if r["phases"].get("step"):
         record("run", gpu_run(r["phases"]["step"], searchr1.Config().batch_size, turns, args.tokens_per_turn))
@@ -640,11 +648,6 @@ def bench_gpu(args) -> dict:
         order = "self_device_time_total" if cuda else "self_cpu_time_total"
         r["profile"] = (f"profile of one more train_step, top ops by {order}:\n"
                         + profiler.key_averages().table(sort_by=order, row_limit=args.profile_rows))
-    r["setting"] = (f"{r['model']}; rollout chunk {chunk} questions x {cfg.group_size} (the plan's, one rollout "
-                    f"call), {turns} turns of {args.tokens_per_turn} forced tokens, observations of {cfg.topk} "
-                    f"passages of {args.passage_tokens} tokens, micro-batch {cfg.micro_batch_size}, gradient "
-                    f"checkpointing; " + (f"GPU memory capped at {args.memory_cap_gb:g} GiB" if cuda
-                                          else "CPU: peak GB is the process's peak RSS"))
     gpu_print(r)
     return r
 

@@ -1619,7 +1619,8 @@ def test_bench_gpu_tiny_times_a_real_grpo_step_and_the_merged_copy_and_writes_ea
     # the JSON holds every phase so far after each of them: a run cut short keeps what it measured
     assert written == [["setup"], ["setup", "step"], ["setup", "step", "merged"],
                        ["setup", "step", "merged", "generate"], ["setup", "step", "merged", "generate", "run"]]
-    assert json.loads((tmp_path / "gpu.json").read_text())["phases"].keys() == r["phases"].keys()
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["phases"].keys() == r["phases"].keys() and saved["setting"] == r["setting"]  # what was measured how
     generate, step, merged, run = (r["phases"][phase] for phase in ("generate", "step", "merged", "run"))
     # rollout.py and model.generate sampled the very same tokens on the comparison's chunk
     assert generate["same_tokens"] is True and generate["ratio"] > 0
