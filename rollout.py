@@ -353,8 +353,12 @@ class _Hook(LogitsProcessor):
 
 # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns from then
 # and goes in 5.40; before 5.24 the new one is swallowed by **kwargs and the cache stays empty)
-CACHE_KEYWORD = ("cache" if Version(transformers.__version__) >= Version("5.24")
-                 else "past_key_values")
+def cache_keyword(version: str) -> str:
+    """By release numbers: a 5.24 pre-release (5.24.0.dev0, which sorts before 5.24) has the new name."""
+    return "cache" if Version(version).release >= (5, 24) else "past_key_values"
+
+
+CACHE_KEYWORD = cache_keyword(transformers.__version__)
 
 
 class _CachedDecoder:

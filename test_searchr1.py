@@ -574,6 +574,12 @@ def live_kv_bytes(config) -> int:
     return sum(storages.values())
 
 
+def test_the_cache_keyword_follows_the_transformers_release_pre_releases_included():
+    assert rollout_chapter.cache_keyword("5.17.0") == "past_key_values"  # the lent GPU's, the floor
+    assert rollout_chapter.cache_keyword("5.23.2") == "past_key_values"
+    assert rollout_chapter.cache_keyword("5.24.0") == rollout_chapter.cache_keyword("5.24.0.dev0") == "cache"
+
+
 @pytest.mark.floor
 def test_the_rollout_never_holds_more_kv_cache_than_the_memory_plan_counts(tok, model):
     """plan.py's rollout term is rows x (prompt + response budget) x kv bytes a token. Live keys and
