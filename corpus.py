@@ -45,7 +45,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from retriever import CorpusError, read_corpus
+from retriever import CorpusError, join_contents, read_corpus
 
 CORPUS_KINDS = (".jsonl", ".jsonl.gz")  # Search-R1 corpora, copied row by row
 PYPDF_MISSING = "pypdf is not installed: pip install pypdf"
@@ -278,7 +278,7 @@ def _sources(paths: list) -> list[tuple[Path, str]]:
 
 def _row(passage_id: str, title: str, text: str) -> str:
     """One JSONL line; retriever.split_contents gives back ('"title"', text)."""
-    return json.dumps({"id": passage_id, "contents": f'"{title}"\n{text}'}, ensure_ascii=False)
+    return json.dumps({"id": passage_id, "contents": join_contents(title, text)}, ensure_ascii=False)
 
 
 def build_corpus(paths: list, out: Path, strict: bool = False, words: int = 100) -> Summary:

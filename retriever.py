@@ -93,7 +93,7 @@ def _parse_row(line: bytes, where: str) -> dict:
             raise CorpusError(f"{where}: missing field 'contents' (or 'title' and 'text')")
         if not isinstance(row[field], str):
             raise CorpusError(f"{where}: field '{field}' must be a string")
-    contents = row["contents"] if "contents" in row else f'"{row["title"]}"\n{row["text"]}'
+    contents = row["contents"] if "contents" in row else join_contents(row["title"], row["text"])
     return {"id": str(row["id"]), "contents": contents}
 
 
@@ -118,6 +118,11 @@ def read_corpus(path, progress: bool = False) -> Iterator[dict]:
         bar.update(raw.tell() - bar.n)
     if passages == 0:
         raise CorpusError(f"{path}: the corpus has no passages")
+
+
+def join_contents(title: str, text: str) -> str:
+    """A passage's `contents` as wiki-18 writes it: the title in quotes on the first line, then the text."""
+    return f'"{title}"\n{text}'
 
 
 def split_contents(contents: str) -> tuple[str, str]:
