@@ -241,11 +241,9 @@ def checkpoint_folder(adapter: str, which: str = "latest") -> tuple[Path, str]:
 
 
 def load_checkpoint(run: Path, model, optimizer, scheduler, scaler=None) -> int:
-    """Restore adapter, optimizer and scheduler from the last checkpoint; returns its step."""
-    latest = run / "checkpoints" / "latest.json"
-    if not latest.exists():
-        raise UsageError(f"--resume: no checkpoint in {run} (looked for {latest})")
-    ckpt = run / "checkpoints" / json.loads(latest.read_text())["path"]
+    """Restore adapter, optimizer and scheduler from the last checkpoint (check_run_folder has found
+    it); returns its step."""
+    ckpt = run / "checkpoints" / json.loads((run / "checkpoints" / "latest.json").read_text())["path"]
     load_adapter(model, ckpt)
     if CRITIC in model.peft_config:  # PPO: the critic adapter (peft's subfolder) and the value head
         from safetensors.torch import load_file

@@ -1486,6 +1486,13 @@ def test_a_folder_that_holds_a_run_is_never_overwritten_without_resume_or_overwr
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000001"]
 
 
+def test_resume_of_a_folder_with_no_checkpoint_stops_before_any_work(tmp_path):
+    cfg = searchr1.Config(out_dir=str(tmp_path / "empty"), resume=True)
+    with pytest.raises(cli.UsageError, match=r"--resume: no checkpoint in .*empty \(looked for .*latest.json\)"):
+        runs.check_run_folder(tmp_path / "empty", cfg)
+    assert not (tmp_path / "empty").exists()  # nothing made
+
+
 def test_resume_stops_naming_every_setting_that_changes_what_the_run_computes(finished_run):
     changed = replace(finished_run, resume=True, steps=3, lr=5e-3, seed=7, micro_batch_size=1, eval_every=1)
     with pytest.raises(cli.UsageError) as error:
