@@ -439,7 +439,7 @@ class _CachedDecoder:
                 continue
             held, a = self._row(start), start  # the first row of the cycle to be overwritten
             while source[a] != start:
-                self._set_row(a, self._row(source[a]))
+                self._move_row(a, source[a])
                 placed[a], a = True, source[a]
             self._set_row(a, held)
             placed[a] = True
@@ -453,6 +453,11 @@ class _CachedDecoder:
         kv, mask = row
         self.cache.kv[:, :, a, :, : kv.shape[-2]] = kv
         self.mask[a, : mask.shape[0]] = mask
+
+    def _move_row(self, a: int, b: int) -> None:  # buffer row a <- row b, copied in place
+        filled = self.cache.length
+        self.cache.kv[:, :, a, :, :filled] = self.cache.kv[:, :, b, :, :filled]
+        self.mask[a, :filled] = self.mask[b, :filled]
 
 
 class _RolloutCache(Cache):
