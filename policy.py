@@ -122,12 +122,15 @@ def merged_copy(model, dtype: torch.dtype):
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
     policy = grpo.causal_lm(model)
-    weights, merged = dict(policy.state_dict()), []
+    merged = {}  # module name -> its merged weight (and bias)
+    def inside_merged(name: str) -> bool:  # in a module already merged (a LoRA layer's base_layer, lora_A, ...)
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in merged for i in range(1, len(parts)))
     for name, module in policy.named_modules():
         adapted = isinstance(module, LoraLayer)
         base = module.get_base_layer() if adapted else module
         quantized = hasattr(getattr(base, "weight", None), "quant_state")
-        if any(name.startswith(done + ".") for done in merged) or not (adapted or quantized):
+        if inside_merged(name) or not (adapted or quantized):
             continue
         weight = base.weight
         if quantized:  # NF4, unpacked to the compute dtype as its own matmul unpacks it
@@ -135,11 +138,9 @@ def merged_copy(model, dtype: torch.dtype):
             weight = bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)
         if adapted:
             weight = weight + module.get_delta_weight(model.active_adapter).to(weight.dtype)  # + (alpha / r) B A
-        weights = {key: value for key, value in weights.items() if not key.startswith(name + ".")}
-        weights[name + ".weight"] = weight.to(dtype)
-        if base.bias is not None:
-            weights[name + ".bias"] = base.bias
-        merged.append(name)
+        merged[name] = {"weight": weight.to(dtype), **({"bias": base.bias} if base.bias is not None else {})}
+    weights = {key: value for key, value in policy.state_dict().items() if not inside_merged(key)}
+    weights |= {f"{name}.{key}": value for name, tensors in merged.items() for key, value in tensors.items()}
     with torch.device("meta"):  # no memory until the weights are put in
         copy = AutoModelForCausalLM.from_config(policy.config, dtype=dtype)
     copy.load_state_dict(weights, assign=True)
