@@ -98,8 +98,9 @@ def phase_bytes(shape: Shape, load_4bit: bool, dtype_bytes: int, lora_rank: int,
     adapters_bytes = adapters * shape.lora_parameters(lora_rank) * 16  # fp32 weight, gradient, 2 AdamW moments
     dequantized = H * I * dtype_bytes if load_4bit else 0  # one 4-bit weight unpacked for its matmul
     layer = lambda rows, tokens: rows * tokens * (2 * I + 4 * H) * dtype_bytes  # noqa: E731 (MLP + hidden)
+    kv_cache = lambda rows: rows * T * shape.kv_bytes_per_token(dtype_bytes)  # noqa: E731 (full length)
     def sampling(rows: int, merged: bool) -> float:  # one rollout call of `rows` trajectories
-        return (rows * T * shape.kv_bytes_per_token(dtype_bytes) + rows * V * 4 * 5 + layer(rows, new_tokens)
+        return (kv_cache(rows) + rows * V * 4 * 5 + layer(rows, new_tokens)
                 + (linear * dtype_bytes if merged else dequantized))
     chunk = micro_batch * min(LOGITS_CHUNK, response_tokens) * V * 4
     logprobs = layer(micro_batch, T) + micro_batch * T * H * dtype_bytes + 2 * chunk + dequantized
@@ -108,7 +109,7 @@ def phase_bytes(shape: Shape, load_4bit: bool, dtype_bytes: int, lora_rank: int,
               + layer(micro_batch, T)                                          # and its gradients
               + 4 * chunk + dequantized)               # logits, softmax (entropy), their gradient
     return {"weights": weights, "adapters": adapters_bytes,
-            "kv_cache": rollout_rows * T * shape.kv_bytes_per_token(dtype_bytes),
+            "kv_cache": kv_cache(rollout_rows),
             "rollout": sampling(rollout_rows, merged_copy),  # evaluation samples from the adapter
             "evaluation": sampling(eval_rows, False) if eval_rows else 0.0,
             "logprobs": logprobs, "update": update}
